@@ -1,0 +1,226 @@
+//! Running commands on a target.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// Which stream a line of output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// A command to run: an argument vector, a working directory and extra environment.
+#[derive(Clone, Debug, Default)]
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl CommandSpec {
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        CommandSpec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(dir.into());
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("could not start {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("i/o error while running {program}: {source}")]
+    Io {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where output lines go as they are produced.
+pub type LineSink<'a> = &'a (dyn Fn(Stream, String) + Send + Sync);
+
+#[async_trait]
+pub trait Executor: Send + Sync {
+    /// Runs the command to completion, sending each output line to `sink`, and answers its
+    /// exit code (`None` when killed by a signal). Dropping the future kills the command and
+    /// everything it started.
+    async fn run(&self, spec: &CommandSpec, sink: LineSink<'_>) -> Result<Option<i32>, ExecError>;
+}
+
+/// Runs commands on this machine.
+#[derive(Clone, Debug, Default)]
+pub struct LocalExecutor;
+
+#[async_trait]
+impl Executor for LocalExecutor {
+    async fn run(&self, spec: &CommandSpec, sink: LineSink<'_>) -> Result<Option<i32>, ExecError> {
+        let Some(program) = spec.argv.first() else {
+            return Err(ExecError::Invalid("empty command".into()));
+        };
+        let mut command = Command::new(program);
+        command.args(&spec.argv[1..]);
+        if let Some(cwd) = &spec.cwd {
+            command.current_dir(cwd);
+        }
+        command.envs(spec.env.iter().map(|(k, v)| (k, v)));
+        run_child(command, program, None, sink).await
+    }
+}
+
+/// Kills a command's whole process group when dropped, so a cancelled or timed-out task
+/// leaves nothing behind (build scripts start children of their own).
+struct GroupKiller(Option<i32>);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // SAFETY: kill(2) with a negative pid signals the process group we created.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+pub(crate) async fn run_child(
+    mut command: Command,
+    program: &str,
+    stdin: Option<Vec<u8>>,
+    sink: LineSink<'_>,
+) -> Result<Option<i32>, ExecError> {
+    command
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|source| ExecError::Spawn {
+        program: program.into(),
+        source,
+    })?;
+    // Also on success: whatever the command left running in its group is killed with it.
+    let _killer = GroupKiller(child.id().map(|p| p as i32));
+    let io_err = |source| ExecError::Io {
+        program: program.into(),
+        source,
+    };
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(&bytes).await.map_err(io_err)?;
+        drop(pipe);
+    }
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (out, err) = tokio::join!(
+        forward_lines(stdout, Stream::Stdout, sink),
+        forward_lines(stderr, Stream::Stderr, sink)
+    );
+    out.map_err(io_err)?;
+    err.map_err(io_err)?;
+    let status = child.wait().await.map_err(io_err)?;
+    Ok(status.code())
+}
+
+async fn forward_lines(
+    pipe: impl AsyncRead + Unpin,
+    stream: Stream,
+    sink: LineSink<'_>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        while matches!(buf.last(), Some(b'\n' | b'\r')) {
+            buf.pop();
+        }
+        sink(stream, String::from_utf8_lossy(&buf).into_owned());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn output_is_streamed_line_by_line_with_its_stream() {
+        let lines = Mutex::new(Vec::new());
+        let sink = |s: Stream, l: String| lines.lock().unwrap().push((s, l));
+        let spec = CommandSpec::new(["sh", "-c", "echo one; echo two >&2; echo \"$GREETING\"; exit 3"])
+            .env("GREETING", "hello");
+        let code = LocalExecutor.run(&spec, &sink).await.unwrap();
+        assert_eq!(code, Some(3));
+        let mut got = lines.into_inner().unwrap();
+        got.sort_by_key(|(s, _)| *s == Stream::Stderr);
+        assert_eq!(
+            got,
+            [
+                (Stream::Stdout, "one".to_string()),
+                (Stream::Stdout, "hello".to_string()),
+                (Stream::Stderr, "two".to_string())
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_run_kills_the_whole_process_group() {
+        let dir = std::env::temp_dir().join(format!("hefring-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("survived");
+        let script = format!("(sleep 1; touch {}) & sleep 30", marker.display());
+        let spec = CommandSpec::new(["sh", "-c", &script]);
+        let sink = |_: Stream, _: String| {};
+        let run = LocalExecutor.run(&spec, &sink);
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), run).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert!(!marker.exists(), "a child of the killed command kept running");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_error() {
+        let sink = |_: Stream, _: String| {};
+        let err = LocalExecutor
+            .run(&CommandSpec::new(["/nonexistent/program"]), &sink)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("could not start /nonexistent/program"));
+    }
+}

@@ -1,0 +1,86 @@
+//! Opaque, time-ordered ids: a short prefix naming the entity, then 26 Crockford base32
+//! characters (48 bits of milliseconds, 80 random bits). Sorting ids sorts by creation time,
+//! which gives list cursors and "newest first" for free. Backends name every resource they
+//! create from these ids, never from a name a user can change.
+
+use rand::RngCore;
+
+/// The kinds of entity that carry an id, and the prefix each id starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdKind {
+    Target,
+    Project,
+    Release,
+    Environment,
+    Operation,
+    Token,
+    Subject,
+}
+
+impl IdKind {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            IdKind::Target => "tgt",
+            IdKind::Project => "prj",
+            IdKind::Release => "rel",
+            IdKind::Environment => "env",
+            IdKind::Operation => "op",
+            IdKind::Token => "tok",
+            IdKind::Subject => "sys",
+        }
+    }
+
+    /// Whether `id` has the shape of an id of this kind. A malformed id is simply unknown
+    /// (404), so this is a cheap filter, not an error source.
+    pub fn matches(self, id: &str) -> bool {
+        let Some(rest) = id
+            .strip_prefix(self.prefix())
+            .and_then(|r| r.strip_prefix('_'))
+        else {
+            return false;
+        };
+        rest.len() == 26 && rest.bytes().all(|b| CROCKFORD.contains(&b))
+    }
+}
+
+const CROCKFORD: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
+/// A new id of `kind`, ordered after every id made earlier at `now_ms`.
+pub fn new_id(kind: IdKind, now_ms: i64) -> String {
+    let mut random = [0u8; 10];
+    rand::thread_rng().fill_bytes(&mut random);
+    let mut value: u128 = (now_ms.max(0) as u128 & ((1 << 48) - 1)) << 80;
+    for (i, byte) in random.iter().enumerate() {
+        value |= (*byte as u128) << (8 * (9 - i));
+    }
+    let mut out = String::with_capacity(kind.prefix().len() + 27);
+    out.push_str(kind.prefix());
+    out.push('_');
+    for i in (0..26).rev() {
+        let digit = ((value >> (5 * i)) & 31) as usize;
+        out.push(CROCKFORD[digit] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_have_their_prefix_and_shape() {
+        let id = new_id(IdKind::Operation, 1_700_000_000_000);
+        assert!(id.starts_with("op_"), "{id}");
+        assert!(IdKind::Operation.matches(&id));
+        assert!(!IdKind::Target.matches(&id));
+        assert!(!IdKind::Operation.matches("op_short"));
+        assert!(!IdKind::Operation.matches("op_ABCDEFGHJKMNPQRSTVWXYZ0123"));
+    }
+
+    #[test]
+    fn later_ids_sort_after_earlier_ones() {
+        let a = new_id(IdKind::Project, 1_000);
+        let b = new_id(IdKind::Project, 1_001);
+        assert!(a < b);
+    }
+}

@@ -1,0 +1,11 @@
+//! Hefring's domain. Everything here is pure: no I/O, no clock, no randomness except id
+//! generation, so every rule can be tested by calling a function.
+
+pub mod id;
+pub mod manifest;
+pub mod operation;
+pub mod target;
+pub mod validate;
+
+pub use id::{new_id, IdKind};
+pub use validate::FieldError;

@@ -1,0 +1,99 @@
+//! Who gets told that an operation is ready to run.
+//!
+//! The store is the source of truth and the arbiter of leases; a queue only carries hints
+//! ("operation X is ready on queue Q") from whoever created the operation to the workers.
+//! So a lost hint delays work but never loses it (workers also poll), and a duplicated hint is
+//! harmless (claiming is atomic in the store). This trait knows nothing of Celery or AMQP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+/// An operation that is ready, as announced to workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub operation_id: String,
+    pub kind: String,
+    pub queue: String,
+}
+
+/// What a worker got from the queue.
+#[derive(Debug)]
+pub enum Delivery {
+    /// A specific operation to try to claim.
+    Operation(String),
+    /// Something may be ready (or the poll interval passed): claim whatever is claimable.
+    Anything,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("queue error: {0}")]
+pub struct QueueError(pub String);
+
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Announces a job whose operation is already committed to the store.
+    async fn publish(&self, job: &Job) -> Result<(), QueueError>;
+    /// Waits for the next delivery, at most `poll` long (then answers `Anything`).
+    async fn next(&self, poll: Duration) -> Result<Delivery, QueueError>;
+    /// The delivery was handled (its outcome is committed to the store).
+    async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
+}
+
+/// The embedded queue: workers live in the same process, so a wake-up is all they need.
+#[derive(Clone, Default)]
+pub struct EmbeddedQueue {
+    ready: Arc<Notify>,
+}
+
+impl EmbeddedQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Queue for EmbeddedQueue {
+    async fn publish(&self, _job: &Job) -> Result<(), QueueError> {
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    async fn next(&self, poll: Duration) -> Result<Delivery, QueueError> {
+        let _ = tokio::time::timeout(poll, self.ready.notified()).await;
+        Ok(Delivery::Anything)
+    }
+
+    async fn ack(&self, _delivery: &Delivery) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_publish_wakes_a_waiting_worker_before_the_poll_interval() {
+        let queue = EmbeddedQueue::new();
+        let waiter = {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                queue.next(Duration::from_secs(30)).await.unwrap();
+                started.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let job = Job {
+            operation_id: "op_x".into(),
+            kind: "system_noop".into(),
+            queue: "hefring".into(),
+        };
+        queue.publish(&job).await.unwrap();
+        let waited = waiter.await.unwrap();
+        assert!(waited < Duration::from_secs(5), "woke after {waited:?}");
+    }
+}

@@ -1,0 +1,171 @@
+//! Hefring's persistence behind one trait, [`Store`]. SQLite is the embedded default;
+//! PostgreSQL (distributed mode) implements the same trait with equivalent migrations.
+//!
+//! The operations table is also the embedded queue: claiming an operation means taking its
+//! lease in a write transaction, and unique partial indexes make the database the arbiter of
+//! "one running operation per subject" and "one active duplicate", whoever asks.
+
+mod records;
+mod sqlite;
+
+pub use records::*;
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use hefring_core::operation::{OperationStatus, TaskStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    /// A unique name or similar constraint: the message says which.
+    #[error("{0}")]
+    Conflict(String),
+    /// The same kind of operation with the same inputs is already queued or running.
+    #[error("an identical operation is already queued or running: {existing}")]
+    Duplicate { existing: String },
+    /// A status change the state machine does not allow.
+    #[error("{0}")]
+    InvalidTransition(String),
+    /// The worker's lease on the operation is gone (expired and taken over, or cancelled).
+    #[error("the lease on operation {0} was lost")]
+    LeaseLost(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One page of a list: newest first, after `cursor` (an id) when given.
+#[derive(Clone, Debug)]
+pub struct Page {
+    pub limit: u32,
+    pub cursor: Option<String>,
+}
+
+/// A page of items and the cursor of the next page, if there may be one.
+#[derive(Clone, Debug)]
+pub struct Listed<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// Which operations to list.
+#[derive(Clone, Debug, Default)]
+pub struct OperationFilter {
+    pub subject: Option<String>,
+    pub status: Option<OperationStatus>,
+    pub parent: Option<String>,
+}
+
+/// How a task ended, and what it learned for later tasks (merged into the operation's state).
+#[derive(Clone, Debug)]
+pub struct TaskOutcome {
+    pub status: TaskStatus,
+    pub state_patch: Option<serde_json::Value>,
+}
+
+/// How an operation ended.
+#[derive(Clone, Debug)]
+pub struct OperationOutcome {
+    pub status: OperationStatus,
+    pub result: serde_json::Value,
+    pub error: Option<String>,
+}
+
+/// What a worker learns when it renews a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    Held { cancel_requested: bool },
+    Lost,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Targets
+    async fn insert_target(&self, target: &TargetRecord) -> Result<()>;
+    async fn get_target(&self, id: &str) -> Result<Option<TargetRecord>>;
+    async fn target_by_name(&self, name: &str) -> Result<Option<TargetRecord>>;
+    async fn list_targets(&self, page: &Page) -> Result<Listed<TargetRecord>>;
+    async fn update_target(&self, target: &TargetRecord) -> Result<()>;
+    async fn delete_target(&self, id: &str) -> Result<()>;
+
+    // Projects
+    async fn insert_project(&self, project: &ProjectRecord) -> Result<()>;
+    async fn get_project(&self, id: &str) -> Result<Option<ProjectRecord>>;
+    async fn list_projects(&self, page: &Page) -> Result<Listed<ProjectRecord>>;
+    async fn update_project(&self, project: &ProjectRecord) -> Result<()>;
+
+    // Releases
+    async fn insert_release(&self, release: &ReleaseRecord) -> Result<()>;
+    async fn get_release(&self, id: &str) -> Result<Option<ReleaseRecord>>;
+    async fn release_by_commit(&self, project: &str, commit: &str) -> Result<Option<ReleaseRecord>>;
+    async fn list_releases(&self, project: Option<&str>, page: &Page) -> Result<Listed<ReleaseRecord>>;
+    async fn update_release(&self, release: &ReleaseRecord) -> Result<()>;
+
+    // Environments (the read side other entities need)
+    async fn environments_running(&self, release: &str) -> Result<Vec<String>>;
+    async fn environments_on_target(&self, target: &str) -> Result<Vec<String>>;
+
+    // Operations
+    /// Stores a queued operation with its planned tasks, unless an identical one is active.
+    async fn create_operation(&self, new: &NewOperation, now: i64) -> Result<OperationRecord>;
+    async fn get_operation(&self, id: &str) -> Result<Option<OperationRecord>>;
+    async fn list_operations(
+        &self,
+        filter: &OperationFilter,
+        page: &Page,
+    ) -> Result<Listed<OperationRecord>>;
+    /// Takes the lease of an operation whose lease expired, or else of the oldest queued
+    /// operation whose subject has nothing running and nothing queued before it. `only`
+    /// restricts the choice to one operation id (a broker delivered it).
+    async fn claim(&self, claim: &Claim<'_>) -> Result<Option<OperationRecord>>;
+    /// Extends the lease; tells the worker if it was lost or a cancel was asked for.
+    async fn renew_lease(&self, id: &str, owner: &str, until: i64) -> Result<LeaseState>;
+    /// Marks every running lease expired: used by an embedded server that holds the data
+    /// directory's lock, so no other process can own them.
+    async fn expire_all_leases(&self) -> Result<u64>;
+    async fn start_task(&self, id: &str, owner: &str, position: i64, now: i64) -> Result<()>;
+    /// Records a task's end and, when `finish` is given, the operation's end, in one write.
+    async fn finish_task(
+        &self,
+        id: &str,
+        owner: &str,
+        position: i64,
+        outcome: &TaskOutcome,
+        finish: Option<&OperationOutcome>,
+        now: i64,
+    ) -> Result<()>;
+    async fn append_rollback_tasks(&self, id: &str, owner: &str, names: &[&str]) -> Result<()>;
+    async fn finish_operation(
+        &self,
+        id: &str,
+        owner: &str,
+        outcome: &OperationOutcome,
+        now: i64,
+    ) -> Result<()>;
+    /// Cancels a queued operation at once; asks the worker of a running one to stop.
+    async fn request_cancel(&self, id: &str, now: i64) -> Result<OperationRecord>;
+    /// A new attempt of a failed or cancelled operation.
+    async fn retry_operation(&self, id: &str, from_start: bool, now: i64) -> Result<OperationRecord>;
+    async fn append_logs(&self, id: &str, lines: &[NewLogLine]) -> Result<()>;
+    async fn read_logs(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<LogLine>>;
+
+    // API tokens
+    async fn insert_token(&self, token: &TokenRecord) -> Result<()>;
+    async fn token_by_hash(&self, sha256: &str) -> Result<Option<TokenRecord>>;
+}
+
+/// A worker's request for work.
+#[derive(Clone, Debug)]
+pub struct Claim<'a> {
+    pub owner: &'a str,
+    pub now: i64,
+    pub lease_until: i64,
+    pub queues: &'a [String],
+    pub only: Option<&'a str>,
+}

@@ -1,0 +1,137 @@
+//! Rows as the rest of Hefring sees them. Timestamps are milliseconds since the epoch.
+
+use hefring_core::operation::{OperationKind, OperationStatus, SubjectType, TaskStatus};
+use serde_json::Value;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TargetRecord {
+    pub id: String,
+    pub name: String,
+    pub kind: String,
+    pub status: String,
+    pub host: String,
+    pub root: String,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub web_user: String,
+    pub host_key: Option<String>,
+    pub inspection: Option<Value>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProjectRecord {
+    pub id: String,
+    pub name: String,
+    pub git_url: String,
+    pub branch: String,
+    pub status: String,
+    pub manifest: Option<Value>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReleaseRecord {
+    pub id: String,
+    pub project_id: String,
+    pub git_ref: String,
+    pub commit: String,
+    pub status: String,
+    pub artifact_sha256: Option<String>,
+    pub artifact_size: Option<i64>,
+    pub image: Option<String>,
+    pub build_operation_id: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// An operation to queue, with the names of its planned tasks in order.
+#[derive(Clone, Debug)]
+pub struct NewOperation {
+    pub id: String,
+    pub kind: OperationKind,
+    pub subject_type: SubjectType,
+    pub subject_id: String,
+    pub inputs: Value,
+    pub requested_by: String,
+    pub parent_id: Option<String>,
+    pub queue: String,
+    pub tasks: Vec<String>,
+}
+
+impl NewOperation {
+    /// What makes two requests "the same operation": kind, subject and inputs.
+    pub fn dedupe_key(&self) -> String {
+        format!(
+            "{}|{}|{}",
+            self.kind.as_str(),
+            self.subject_id,
+            serde_json::to_string(&self.inputs).unwrap_or_default()
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OperationRecord {
+    pub id: String,
+    pub kind: OperationKind,
+    pub subject_type: SubjectType,
+    pub subject_id: String,
+    pub status: OperationStatus,
+    pub attempt: i64,
+    pub parent_id: Option<String>,
+    pub requested_by: String,
+    pub inputs: Value,
+    /// What finished tasks learned, for the tasks after them (survives a crash).
+    pub state: Value,
+    pub result: Value,
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    pub queue: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub updated_at: i64,
+    pub tasks: Vec<TaskRecord>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskRecord {
+    pub position: i64,
+    pub name: String,
+    pub status: TaskStatus,
+    pub attempts: i64,
+    pub rollback: bool,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewLogLine {
+    pub attempt: i64,
+    pub at: i64,
+    pub task: String,
+    pub stream: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogLine {
+    pub seq: i64,
+    pub attempt: i64,
+    pub at: i64,
+    pub task: String,
+    pub stream: String,
+    pub text: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub token_sha256: String,
+    pub role: String,
+    pub created_at: i64,
+}
