@@ -140,7 +140,15 @@ pub trait Store: Send + Sync + 'static {
         finish: Option<&OperationOutcome>,
         now: i64,
     ) -> Result<()>;
-    async fn append_rollback_tasks(&self, id: &str, owner: &str, names: &[&str]) -> Result<()>;
+    /// Appends rollback tasks, recording in the state how the attempt is to end (so a crash
+    /// during the rollback can finish it the same way).
+    async fn begin_rollback(
+        &self,
+        id: &str,
+        owner: &str,
+        names: &[&str],
+        ending: &serde_json::Value,
+    ) -> Result<()>;
     async fn finish_operation(
         &self,
         id: &str,
@@ -154,6 +162,10 @@ pub trait Store: Send + Sync + 'static {
     async fn retry_operation(&self, id: &str, from_start: bool, now: i64) -> Result<OperationRecord>;
     async fn append_logs(&self, id: &str, lines: &[NewLogLine]) -> Result<()>;
     async fn read_logs(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<LogLine>>;
+
+    // Settings
+    async fn get_setting(&self, key: &str) -> Result<Option<String>>;
+    async fn set_setting(&self, key: &str, value: &str) -> Result<()>;
 
     // API tokens
     async fn insert_token(&self, token: &TokenRecord) -> Result<()>;

@@ -710,12 +710,20 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn append_rollback_tasks(&self, id: &str, owner: &str, names: &[&str]) -> Result<()> {
-        if names.is_empty() {
-            return Ok(());
-        }
+    async fn begin_rollback(
+        &self,
+        id: &str,
+        owner: &str,
+        names: &[&str],
+        ending: &Value,
+    ) -> Result<()> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         check_lease(&mut tx, id, owner).await?;
+        sqlx::query("UPDATE operations SET state = json_patch(state, ?) WHERE id = ?")
+            .bind(ending.to_string())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let next: i64 = sqlx::query_scalar(
             "SELECT COALESCE(MAX(position), -1) + 1 FROM tasks WHERE operation_id = ?",
         )
@@ -875,6 +883,25 @@ impl Store for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn get_setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.read)
+            .await?)
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES (?, ?)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.write)
+        .await?;
+        Ok(())
     }
 
     async fn insert_token(&self, t: &TokenRecord) -> Result<()> {

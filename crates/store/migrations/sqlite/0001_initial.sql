@@ -121,3 +121,9 @@ CREATE TABLE api_tokens (
     role TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
+
+-- Installation-wide facts, such as whether the local target was registered once already.
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);

@@ -1,0 +1,272 @@
+//! `release_build`: resolve a ref to a commit, check it out, run the build commands, and pack
+//! an immutable `tar.zst` artifact named by its SHA-256.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use hefring_backend_server::CommandSpec;
+use hefring_core::manifest::{Manifest, MANIFEST_FILE};
+use hefring_core::{new_id, IdKind};
+use hefring_store::ReleaseRecord;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::git;
+use super::project::load_project;
+use crate::run::{self, require_success, run_captured, run_logged, TaskContext, TaskError, TaskOutput, TaskResult};
+use crate::time::now_ms;
+
+fn build_dir(t: &TaskContext<'_>) -> PathBuf {
+    t.ctx.data_dir.join("builds").join(&t.op.id)
+}
+
+fn state_str<'a>(t: &'a TaskContext<'_>, key: &str) -> Result<&'a str, TaskError> {
+    t.state[key]
+        .as_str()
+        .ok_or_else(|| TaskError(format!("the operation has no {key} recorded")))
+}
+
+async fn load_release(t: &TaskContext<'_>) -> Result<ReleaseRecord, TaskError> {
+    let id = state_str(t, "release")?;
+    t.ctx
+        .store
+        .get_release(id)
+        .await?
+        .ok_or_else(|| TaskError(format!("release {id} no longer exists")))
+}
+
+pub async fn resolve_ref(t: &TaskContext<'_>) -> TaskResult {
+    let project = load_project(t).await?;
+    let reference = t.op.inputs["ref"]
+        .as_str()
+        .ok_or_else(|| TaskError::new("the operation has no ref"))?
+        .to_string();
+    let mirror = git::mirror_path(t.ctx, &project.id);
+    git::update_mirror(t.ctx, t.log, &project.git_url, &mirror).await?;
+    let commit = git::resolve(t.ctx, t.log, &mirror, &reference)
+        .await?
+        .ok_or_else(|| TaskError(format!("{reference} is not a branch, tag or commit of the repository")))?;
+    t.log.info(format!("{reference} is commit {commit}"));
+
+    let now = now_ms();
+    let release = match t.ctx.store.release_by_commit(&project.id, &commit).await? {
+        Some(existing) if existing.status == "ready" => {
+            t.log.info(format!(
+                "commit {commit} is already built as release {}: reusing its artifact",
+                existing.id
+            ));
+            return Ok(TaskOutput {
+                state_patch: Some(json!({ "commit": commit, "release": existing.id, "result": { "release": existing.id } })),
+                skip_remaining: true,
+                ..Default::default()
+            });
+        }
+        Some(mut earlier) => {
+            // An earlier build of this commit failed or was cut short: build it again here.
+            earlier.status = "building".into();
+            earlier.build_operation_id = t.op.id.clone();
+            earlier.updated_at = now;
+            t.ctx.store.update_release(&earlier).await?;
+            earlier
+        }
+        None => {
+            let release = ReleaseRecord {
+                id: new_id(IdKind::Release, now),
+                project_id: project.id.clone(),
+                git_ref: reference.clone(),
+                commit: commit.clone(),
+                status: "building".into(),
+                artifact_sha256: None,
+                artifact_size: None,
+                image: None,
+                build_operation_id: t.op.id.clone(),
+                created_at: now,
+                updated_at: now,
+            };
+            t.ctx.store.insert_release(&release).await?;
+            release
+        }
+    };
+    t.log.info(format!("building release {}", release.id));
+    Ok(TaskOutput::with_state(json!({ "commit": commit, "release": release.id })))
+}
+
+async fn fresh_checkout(t: &TaskContext<'_>, commit: &str) -> Result<PathBuf, TaskError> {
+    let dir = build_dir(t);
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    tokio::fs::create_dir_all(dir.parent().expect("builds dir")).await?;
+    let mirror = git::mirror_path(t.ctx, &t.op.subject_id);
+    let (mirror_s, dir_s) = (mirror.to_string_lossy().to_string(), dir.to_string_lossy().to_string());
+    let exec = run::local();
+    let clone = git::git(t.ctx, &["clone", "--quiet", "--shared", "--no-checkout", "--", &mirror_s, &dir_s]);
+    require_success(run_logged(&exec, &clone, t.log).await?, "git clone")?;
+    let checkout = git::git(t.ctx, &["-C", &dir_s, "checkout", "--quiet", "--detach", commit]);
+    require_success(run_logged(&exec, &checkout, t.log).await?, "git checkout")?;
+    Ok(dir)
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest, TaskError> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+        .map_err(|_| TaskError(format!("{MANIFEST_FILE} is missing at the root of the commit")))?;
+    Manifest::parse(&text).map_err(|e| TaskError(e.to_string()))
+}
+
+pub async fn check_out(t: &TaskContext<'_>) -> TaskResult {
+    let commit = state_str(t, "commit")?;
+    let dir = fresh_checkout(t, commit).await?;
+    let manifest = read_manifest(&dir)?;
+    t.log.info(format!("checked out {commit}; {} build commands", manifest.build.len()));
+    Ok(TaskOutput::done())
+}
+
+pub async fn run_build_commands(t: &TaskContext<'_>) -> TaskResult {
+    let commit = state_str(t, "commit")?;
+    let release = state_str(t, "release")?;
+    let dir = build_dir(t);
+    // A build cut short may have left the tree half-built: start again from the commit.
+    let marker = dir.with_extension("started");
+    if marker.exists() || !dir.exists() {
+        t.log.info("an earlier build attempt did not finish: checking out afresh");
+        fresh_checkout(t, commit).await?;
+    }
+    tokio::fs::write(&marker, b"").await?;
+    let manifest = read_manifest(&dir)?;
+    let exec = run::local();
+    for (i, command) in manifest.build.iter().enumerate() {
+        t.log.info(format!("$ {}", command.display()));
+        let mut spec = CommandSpec::new(command.argv())
+            .cwd(&dir)
+            .env("HEFRING_RELEASE", release)
+            .env("HEFRING_COMMIT", commit)
+            .env("HEFRING_PROJECT", &t.op.subject_id);
+        spec.env.push(("HEFRING_OPERATION".into(), t.op.id.clone()));
+        let code = run_logged(&exec, &spec, t.log).await?;
+        require_success(code, &format!("build command {} ({})", i + 1, command.display()))?;
+    }
+    tokio::fs::remove_file(&marker).await?;
+    Ok(TaskOutput::done())
+}
+
+pub async fn pack_artifact(t: &TaskContext<'_>) -> TaskResult {
+    let mut release = load_release(t).await?;
+    let dir = build_dir(t);
+    let commit = state_str(t, "commit")?.to_string();
+    let mirror = git::mirror_path(t.ctx, &t.op.subject_id).to_string_lossy().to_string();
+    let spec = git::git(t.ctx, &["--git-dir", &mirror, "show", "-s", "--format=%ct", &commit]);
+    let (code, out) = run_captured(&run::local(), &spec, t.log).await?;
+    require_success(code, "git show")?;
+    let mtime: u64 = out.trim().parse().unwrap_or(0);
+
+    let artifacts = t.ctx.data_dir.join("artifacts");
+    tokio::fs::create_dir_all(&artifacts).await?;
+    let partial = artifacts.join(format!("{}.partial", t.op.id));
+    let (sha256, size) = {
+        let (dir, partial) = (dir.clone(), partial.clone());
+        tokio::task::spawn_blocking(move || pack(&dir, &partial, mtime))
+            .await
+            .map_err(|e| TaskError(format!("packing panicked: {e}")))??
+    };
+    let path = t.ctx.artifact_path(&sha256);
+    tokio::fs::rename(&partial, &path).await?;
+    t.log.info(format!("artifact {} ({size} bytes, sha256 {sha256})", path.display()));
+    release.status = "ready".into();
+    release.artifact_sha256 = Some(sha256);
+    release.artifact_size = Some(size as i64);
+    release.updated_at = now_ms();
+    t.ctx.store.update_release(&release).await?;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    Ok(TaskOutput::with_state(json!({ "result": { "release": release.id } })))
+}
+
+/// Packs `dir` (without `.git`) into a deterministic tar.zst: sorted entries, one mtime,
+/// owner root. Answers the archive's SHA-256 and size.
+fn pack(dir: &Path, out: &Path, mtime: u64) -> Result<(String, u64), TaskError> {
+    let file = std::fs::File::create(out)?;
+    let hashing = HashingWriter { inner: file, hash: Sha256::new(), size: 0 };
+    let encoder = zstd::Encoder::new(hashing, 3)?;
+    let mut builder = tar::Builder::new(encoder);
+    builder.follow_symlinks(false);
+    append_dir(&mut builder, dir, Path::new(""), mtime)?;
+    let encoder = builder.into_inner()?;
+    let mut hashing = encoder.finish()?;
+    hashing.flush()?;
+    hashing.inner.sync_all()?;
+    Ok((hex::encode(hashing.hash.finalize()), hashing.size))
+}
+
+fn append_dir<W: Write>(
+    builder: &mut tar::Builder<W>,
+    root: &Path,
+    relative: &Path,
+    mtime: u64,
+) -> Result<(), TaskError> {
+    let mut entries: Vec<_> = std::fs::read_dir(root.join(relative))?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        if relative.as_os_str().is_empty() && name == ".git" {
+            continue;
+        }
+        let rel = relative.join(&name);
+        let meta = std::fs::symlink_metadata(entry.path())?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
+        header.set_mtime(mtime);
+        header.set_mode(meta.mode() & 0o7777);
+        header.set_uid(0);
+        header.set_gid(0);
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(entry.path())?;
+            builder.append_link(&mut header, &rel, target)?;
+        } else if meta.is_dir() {
+            header.set_size(0);
+            builder.append_data(&mut header, &rel, std::io::empty())?;
+            append_dir(builder, root, &rel, mtime)?;
+        } else if meta.is_file() {
+            let file = std::fs::File::open(entry.path())?;
+            builder.append_data(&mut header, &rel, file)?;
+        }
+    }
+    Ok(())
+}
+
+struct HashingWriter {
+    inner: std::fs::File,
+    hash: Sha256,
+    size: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Rollback: remove the build tree and any partial artifact.
+pub async fn discard_build(t: &TaskContext<'_>) -> TaskResult {
+    let dir = build_dir(t);
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    let _ = tokio::fs::remove_file(dir.with_extension("started")).await;
+    let _ = tokio::fs::remove_file(t.ctx.data_dir.join("artifacts").join(format!("{}.partial", t.op.id))).await;
+    t.log.info("removed the build tree");
+    Ok(TaskOutput::done())
+}
+
+pub async fn mark_failed(t: &TaskContext<'_>) -> Result<(), TaskError> {
+    if let Ok(mut release) = load_release(t).await {
+        if release.status != "ready" && release.build_operation_id == t.op.id {
+            release.status = "failed".into();
+            release.updated_at = now_ms();
+            t.ctx.store.update_release(&release).await?;
+        }
+    }
+    Ok(())
+}

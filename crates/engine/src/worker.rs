@@ -1,0 +1,422 @@
+//! The worker loop and the life of one operation run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hefring_backend_server::SshKeyPair;
+use hefring_core::operation::{next_task, OperationStatus, TaskStatus};
+use hefring_queue::{Delivery, Queue};
+use hefring_store::{Claim, LeaseState, OperationOutcome, OperationRecord, Store, StoreError, TaskOutcome};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::log::OperationLog;
+use crate::run::{Context, TaskContext, TaskError};
+use crate::tasks;
+use crate::time::now_ms;
+
+/// Called with (operation id, task name) as each task starts: a hook for benchmarks.
+pub type TaskObserver = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Operations run at once by this process.
+    pub workers: usize,
+    /// How long a lease lasts without renewal (at most 15 s).
+    pub lease: Duration,
+    /// How often an idle worker looks at the store even without a wake-up.
+    pub poll: Duration,
+    /// How long one task may run before it is killed and fails.
+    pub task_timeout: Duration,
+    /// The queues this worker serves (empty: all).
+    pub queues: Vec<String>,
+    pub data_dir: PathBuf,
+    pub observer: Option<TaskObserver>,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        EngineConfig {
+            workers: 4,
+            lease: Duration::from_secs(15),
+            poll: Duration::from_millis(500),
+            task_timeout: Duration::from_secs(3600),
+            queues: Vec::new(),
+            data_dir,
+            observer: None,
+        }
+    }
+}
+
+pub struct Engine {
+    ctx: Context,
+    queue: Arc<dyn Queue>,
+    config: EngineConfig,
+    name: String,
+}
+
+/// What interrupted a running task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interrupt {
+    None,
+    Cancel,
+    LeaseLost,
+}
+
+enum Ending {
+    Failed(String),
+    Cancelled,
+}
+
+impl Engine {
+    pub async fn new(store: Arc<dyn Store>, queue: Arc<dyn Queue>, config: EngineConfig) -> std::io::Result<Arc<Engine>> {
+        let ssh_key = SshKeyPair::ensure(&config.data_dir.join("ssh")).await?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let name = format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand_u16());
+        Ok(Arc::new(Engine {
+            ctx: Context {
+                store,
+                data_dir: config.data_dir.clone(),
+                ssh_key,
+            },
+            queue,
+            config,
+            name,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts the workers; they stop when `shutdown` becomes true.
+    pub fn start(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        (0..self.config.workers.max(1))
+            .map(|i| {
+                let engine = self.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { engine.worker_loop(i, shutdown).await })
+            })
+            .collect()
+    }
+
+    async fn worker_loop(self: Arc<Self>, index: usize, mut shutdown: watch::Receiver<bool>) {
+        let owner = format!("{}-{index}", self.name);
+        loop {
+            // Run whatever is claimable, then wait for a wake-up or the poll interval.
+            loop {
+                if *shutdown.borrow() {
+                    return;
+                }
+                match self.claim_and_run(&owner, None).await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming work failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                }
+            }
+            let delivery = tokio::select! {
+                d = self.queue.next(self.config.poll) => d,
+                _ = shutdown.changed() => return,
+            };
+            match delivery {
+                Ok(delivery) => {
+                    if let Delivery::Operation(id) = &delivery {
+                        if let Err(e) = self.claim_and_run(&owner, Some(id)).await {
+                            tracing::warn!(operation = %id, error = %e, "claiming a delivered operation failed");
+                        }
+                    }
+                    if let Err(e) = self.queue.ack(&delivery).await {
+                        tracing::warn!(error = %e, "acknowledging a delivery failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the queue failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Claims one operation and runs it to its end (or until its lease is lost).
+    async fn claim_and_run(&self, owner: &str, only: Option<&str>) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let claim = Claim {
+            owner,
+            now,
+            lease_until: now + self.config.lease.as_millis() as i64,
+            queues: &self.config.queues,
+            only,
+        };
+        let Some(op) = self.ctx.store.claim(&claim).await? else {
+            return Ok(false);
+        };
+        self.run_operation(op, owner).await;
+        Ok(true)
+    }
+
+    async fn run_operation(&self, op: OperationRecord, owner: &str) {
+        let log = OperationLog::new(self.ctx.store.clone(), &op.id, op.attempt);
+        let (interrupt_tx, interrupt_rx) = watch::channel(if op.cancel_requested {
+            Interrupt::Cancel
+        } else {
+            Interrupt::None
+        });
+        let keeper = self.spawn_lease_keeper(&op.id, owner, log.clone(), interrupt_tx);
+        let result = self.drive(&op, owner, &log, interrupt_rx).await;
+        keeper.abort();
+        log.flush().await;
+        match result {
+            Ok(()) => {}
+            Err(StoreError::LeaseLost(_)) => {
+                tracing::info!(operation = %op.id, "lease lost; another worker owns the operation now");
+            }
+            Err(e) => tracing::warn!(operation = %op.id, error = %e, "recording the operation failed"),
+        }
+    }
+
+    /// Renews the lease every second (telling the runner about cancel requests and lost
+    /// leases) and flushes the log every 100 ms.
+    fn spawn_lease_keeper(
+        &self,
+        id: &str,
+        owner: &str,
+        log: OperationLog,
+        interrupt: watch::Sender<Interrupt>,
+    ) -> JoinHandle<()> {
+        let store = self.ctx.store.clone();
+        let (id, owner) = (id.to_string(), owner.to_string());
+        let lease = self.config.lease;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.tick().await;
+            let mut n = 0u32;
+            loop {
+                tick.tick().await;
+                log.flush().await;
+                n += 1;
+                if n % 10 != 0 {
+                    continue;
+                }
+                let until = now_ms() + lease.as_millis() as i64;
+                match store.renew_lease(&id, &owner, until).await {
+                    Ok(LeaseState::Held { cancel_requested: true }) => {
+                        interrupt.send_if_modified(|i| {
+                            let changed = *i == Interrupt::None;
+                            if changed {
+                                *i = Interrupt::Cancel;
+                            }
+                            changed
+                        });
+                    }
+                    Ok(LeaseState::Held { .. }) => {}
+                    Ok(LeaseState::Lost) => {
+                        let _ = interrupt.send(Interrupt::LeaseLost);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(operation = %id, error = %e, "renewing a lease failed"),
+                }
+            }
+        })
+    }
+
+    async fn drive(
+        &self,
+        op: &OperationRecord,
+        owner: &str,
+        log: &OperationLog,
+        mut interrupt: watch::Receiver<Interrupt>,
+    ) -> Result<(), StoreError> {
+        let store = &self.ctx.store;
+        let mut state = op.state.clone();
+
+        // A crash during a rollback: finish the rollback, then end as the attempt had to.
+        if op.tasks.iter().any(|t| t.rollback) {
+            let ending = match state["_ending"]["status"].as_str() {
+                Some("cancelled") => Ending::Cancelled,
+                _ => Ending::Failed(state["_ending"]["error"].as_str().unwrap_or("failed").to_string()),
+            };
+            return self.roll_back_and_end(op, owner, log, &state, ending).await;
+        }
+
+        let planned: Vec<_> = op.tasks.iter().filter(|t| !t.rollback).collect();
+        let statuses: Vec<TaskStatus> = planned.iter().map(|t| t.status).collect();
+        let Some(first) = next_task(&statuses) else {
+            // Every task is done (a crash between the last task and the end): just end.
+            let outcome = OperationOutcome {
+                status: OperationStatus::Succeeded,
+                result: state.get("result").cloned().unwrap_or(json!({})),
+                error: None,
+            };
+            return store.finish_operation(&op.id, owner, &outcome, now_ms()).await;
+        };
+
+        for (index, task) in planned.iter().enumerate().skip(first) {
+            if *interrupt.borrow() == Interrupt::Cancel {
+                return self.roll_back_and_end(op, owner, log, &state, Ending::Cancelled).await;
+            }
+            log.set_task(&task.name);
+            store.start_task(&op.id, owner, task.position, now_ms()).await?;
+            if let Some(observe) = &self.config.observer {
+                observe(&op.id, &task.name);
+            }
+            crash_if_asked(&task.name);
+            if task.attempts > 0 {
+                log.info(format!("resuming: attempt {} of this task", task.attempts + 1));
+            }
+
+            let context = TaskContext { ctx: &self.ctx, op, state: &state, log };
+            let timeout = self.config.task_timeout;
+            let outcome = tokio::select! {
+                result = tokio::time::timeout(timeout, tasks::run(&context, &task.name)) => Some(match result {
+                    Ok(result) => result,
+                    Err(_) => Err(TaskError(format!("timed out after {} s", timeout.as_secs()))),
+                }),
+                _ = interrupt.wait_for(|i| *i != Interrupt::None) => None,
+            };
+            let now = now_ms();
+            match outcome {
+                Some(Ok(output)) => {
+                    if let Some(patch) = &output.state_patch {
+                        merge(&mut state, patch);
+                    }
+                    let rest = &planned[index + 1..];
+                    let last = rest.is_empty() || output.skip_remaining;
+                    let success = OperationOutcome {
+                        status: OperationStatus::Succeeded,
+                        result: state.get("result").cloned().unwrap_or(json!({})),
+                        error: None,
+                    };
+                    log.flush().await;
+                    let task_outcome = TaskOutcome { status: output.status(), state_patch: output.state_patch };
+                    if output.skip_remaining && !rest.is_empty() {
+                        store.finish_task(&op.id, owner, task.position, &task_outcome, None, now).await?;
+                        let skipped = TaskOutcome { status: TaskStatus::Skipped, state_patch: None };
+                        for (i, later) in rest.iter().enumerate() {
+                            let finish = (i + 1 == rest.len()).then_some(&success);
+                            store.finish_task(&op.id, owner, later.position, &skipped, finish, now).await?;
+                        }
+                        return Ok(());
+                    }
+                    store
+                        .finish_task(&op.id, owner, task.position, &task_outcome, last.then_some(&success), now)
+                        .await?;
+                    if last {
+                        return Ok(());
+                    }
+                }
+                Some(Err(error)) => {
+                    log.info(format!("failed: {error}"));
+                    log.flush().await;
+                    let failed = TaskOutcome { status: TaskStatus::Failed, state_patch: None };
+                    store.finish_task(&op.id, owner, task.position, &failed, None, now).await?;
+                    return self.roll_back_and_end(op, owner, log, &state, Ending::Failed(error.0)).await;
+                }
+                None => {
+                    if *interrupt.borrow() == Interrupt::LeaseLost {
+                        return Err(StoreError::LeaseLost(op.id.clone()));
+                    }
+                    log.info("cancelled: the running command was stopped");
+                    log.flush().await;
+                    let cancelled = TaskOutcome { status: TaskStatus::Cancelled, state_patch: None };
+                    store.finish_task(&op.id, owner, task.position, &cancelled, None, now).await?;
+                    return self.roll_back_and_end(op, owner, log, &state, Ending::Cancelled).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the kind's rollback tasks (appended as visible tasks), then ends the operation
+    /// failed or cancelled.
+    async fn roll_back_and_end(
+        &self,
+        op: &OperationRecord,
+        owner: &str,
+        log: &OperationLog,
+        state: &Value,
+        ending: Ending,
+    ) -> Result<(), StoreError> {
+        let store = &self.ctx.store;
+        let (status, error) = match &ending {
+            Ending::Failed(e) => (OperationStatus::Failed, Some(e.clone())),
+            Ending::Cancelled => (OperationStatus::Cancelled, None),
+        };
+        let rollback = op.kind.rollback_tasks();
+        let mut state = state.clone();
+        let mut op = op.clone();
+        if !rollback.is_empty() && !op.tasks.iter().any(|t| t.rollback) {
+            // Remember how this attempt ends, in case the process dies during the rollback.
+            let ending_patch = json!({ "_ending": { "status": status.as_str(), "error": error } });
+            merge(&mut state, &ending_patch);
+            store.begin_rollback(&op.id, owner, rollback, &ending_patch).await?;
+            op = store.get_operation(&op.id).await?.ok_or(StoreError::NotFound)?;
+        }
+        for task in op.tasks.iter().filter(|t| t.rollback && !t.status.is_done()) {
+            log.set_task(&task.name);
+            store.start_task(&op.id, owner, task.position, now_ms()).await?;
+            let context = TaskContext { ctx: &self.ctx, op: &op, state: &state, log };
+            let result = tokio::time::timeout(self.config.task_timeout, tasks::run(&context, &task.name)).await;
+            let status = match result {
+                Ok(Ok(_)) => TaskStatus::Succeeded,
+                Ok(Err(e)) => {
+                    log.info(format!("rollback step failed: {e}"));
+                    TaskStatus::Failed
+                }
+                Err(_) => {
+                    log.info("rollback step timed out");
+                    TaskStatus::Failed
+                }
+            };
+            log.flush().await;
+            store
+                .finish_task(&op.id, owner, task.position, &TaskOutcome { status, state_patch: None }, None, now_ms())
+                .await?;
+        }
+        let context = TaskContext { ctx: &self.ctx, op: &op, state: &state, log };
+        tasks::after_failure(&context, error.as_deref().unwrap_or("cancelled")).await;
+        log.set_task("-");
+        match &ending {
+            Ending::Failed(e) => log.info(format!("operation failed: {e}")),
+            Ending::Cancelled => log.info("operation cancelled"),
+        }
+        log.flush().await;
+        let outcome = OperationOutcome { status, result: json!({}), error };
+        store.finish_operation(&op.id, owner, &outcome, now_ms()).await
+    }
+}
+
+fn merge(state: &mut Value, patch: &Value) {
+    if let (Some(state), Some(patch)) = (state.as_object_mut(), patch.as_object()) {
+        for (k, v) in patch {
+            state.insert(k.clone(), v.clone());
+        }
+    } else {
+        *state = patch.clone();
+    }
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms() as u64);
+    h.finish() as u16
+}
+
+/// Test builds can crash the process at a named task (`HEFRING_FAULT_CRASH_AT=task`), after
+/// the task is recorded as started: exactly what a power cut or `kill -9` would leave.
+#[cfg(feature = "fault-injection")]
+fn crash_if_asked(task: &str) {
+    if std::env::var("HEFRING_FAULT_CRASH_AT").is_ok_and(|t| t == task) {
+        eprintln!("fault injection: crashing at task {task}");
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn crash_if_asked(_task: &str) {}
