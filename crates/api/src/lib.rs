@@ -1,1 +1,49 @@
+//! Hefring over HTTP: the REST API under `/api/v1`, its OpenAPI document (generated from
+//! the handlers), operation logs as text or server-sent events, and token authentication.
+//! Handlers validate at the edge, turn requests into store rows and operations, and never
+//! run work themselves: work is queued for the engine.
 
+mod auth;
+mod convert;
+mod error;
+mod extract;
+mod routes;
+mod submit;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use hefring_queue::Queue;
+use hefring_store::Store;
+
+pub use auth::{hash_token, new_token};
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn Queue>,
+    /// Absolute; where local targets get their default root and the SSH key lives.
+    pub data_dir: PathBuf,
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    routes::router(state)
+}
+
+/// The OpenAPI document, as served at `/api/v1/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes::openapi()
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,1 +1,206 @@
+//! The JSON Hefring's API speaks, shared by the server (which serialises it and documents
+//! it in OpenAPI) and the CLI (which reads it). Only these types cross the wire.
+//! Timestamps are RFC 3339 strings in UTC.
 
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// A page of a list, newest first; pass `next` as `cursor` for the following page.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// At most this many items (1-500, default 50).
+    pub limit: Option<u32>,
+    /// The `next` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// `malformed_request`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
+    /// `operation_in_progress`, `duplicate_operation`, `invalid_field`, `internal`.
+    pub code: String,
+    pub message: String,
+    pub field: Option<String>,
+    /// The operation a 409 is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Target {
+    pub id: String,
+    pub name: String,
+    /// `server` (or `kubernetes`, later).
+    pub kind: String,
+    /// `new`, `ready`, `failed` (lacks something environments need), `unreachable`.
+    pub status: String,
+    /// `local` or `ssh://user@host:port`.
+    pub host: String,
+    /// Base directory for everything Hefring puts on the target.
+    pub root: String,
+    pub http_port: u16,
+    pub https_port: u16,
+    /// The user PHP runs as.
+    pub web_user: String,
+    /// The SSH host key pinned on first verify (`TYPE BASE64`).
+    pub host_key: Option<String>,
+    /// What the last verify found: OS, tools, services, what is missing.
+    pub inspection: Option<Value>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTarget {
+    pub name: String,
+    /// Only `server` for now.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// `local` or `ssh://user@host:port`.
+    pub host: String,
+    pub root: Option<String>,
+    pub http_port: Option<u16>,
+    pub https_port: Option<u16>,
+    pub web_user: Option<String>,
+    /// Pin this host key instead of accepting the first one seen.
+    pub host_key: Option<String>,
+}
+
+fn default_kind() -> String {
+    "server".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Project {
+    pub id: String,
+    pub name: String,
+    pub git_url: String,
+    pub branch: String,
+    /// `new`, `verified`, `invalid` (no branch or a bad manifest), `unreachable`.
+    pub status: String,
+    /// The manifest read by the last successful verify.
+    pub manifest: Option<Value>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProject {
+    pub name: String,
+    /// https, http, ssh, git or file URL, `user@host:path`, or an absolute path.
+    pub git_url: String,
+    /// Default `main`.
+    pub branch: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRelease {
+    /// A branch, tag or commit.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Artifact {
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Release {
+    pub id: String,
+    pub project: String,
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// The exact commit built.
+    pub commit: String,
+    pub artifact: Option<Artifact>,
+    pub image: Option<String>,
+    /// `building`, `ready`, `failed`.
+    pub status: String,
+    /// The operation that built it.
+    pub operation: String,
+    /// Environments running this release.
+    pub environments: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Subject {
+    #[serde(rename = "type")]
+    pub subject_type: String,
+    pub id: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    pub name: String,
+    /// `pending`, `running`, `succeeded`, `failed`, `skipped`, `cancelled`.
+    pub status: String,
+    pub attempts: u32,
+    /// A step that undoes a failed or cancelled attempt.
+    pub rollback: bool,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: String,
+    /// `<subject>_<action>`: `target_verify`, `project_verify`, `release_build`, ...
+    pub kind: String,
+    pub subject: Subject,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`.
+    pub status: String,
+    pub attempt: u32,
+    pub parent: Option<String>,
+    pub requested_by: String,
+    /// What was asked (the request's body).
+    pub inputs: Value,
+    /// Ids it produced, such as `{"release": ID}`.
+    pub result: Value,
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub updated_at: String,
+    pub tasks: Vec<Task>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOperation {
+    /// Run every task again instead of resuming at the failed one.
+    #[serde(default)]
+    pub from_start: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SshKey {
+    /// Put this line in the target user's `authorized_keys`.
+    pub public_key: String,
+}

@@ -62,9 +62,9 @@ pub async fn read_manifest(t: &TaskContext<'_>) -> TaskResult {
     match Manifest::parse(&text) {
         Ok(manifest) => {
             t.log.info(format!(
-                "{MANIFEST_FILE} is valid: runtime {:?}, database {:?}, {} build, {} install and {} deploy commands",
-                manifest.runtime,
-                manifest.database,
+                "{MANIFEST_FILE} is valid: runtime {}, database {}, {} build, {} install and {} deploy commands",
+                serde_json::to_value(manifest.runtime).unwrap_or_default().as_str().unwrap_or("?"),
+                serde_json::to_value(manifest.database).unwrap_or_default().as_str().unwrap_or("?"),
                 manifest.build.len(),
                 manifest.install.len(),
                 manifest.deploy.len()

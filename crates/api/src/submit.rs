@@ -1,0 +1,55 @@
+//! Starting work: store the operation with its planned tasks, then tell the workers.
+
+use hefring_core::operation::OperationKind;
+use hefring_core::{new_id, IdKind};
+use hefring_queue::Job;
+use hefring_store::{NewOperation, OperationRecord};
+use serde_json::Value;
+
+use crate::error::ApiResult;
+use crate::AppState;
+
+pub const DEFAULT_QUEUE: &str = "hefring";
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub async fn submit(
+    state: &AppState,
+    kind: OperationKind,
+    subject_id: &str,
+    inputs: Value,
+    requested_by: &str,
+) -> ApiResult<OperationRecord> {
+    let now = now_ms();
+    let new = NewOperation {
+        id: new_id(IdKind::Operation, now),
+        kind,
+        subject_type: kind.subject_type(),
+        subject_id: subject_id.to_string(),
+        inputs,
+        requested_by: requested_by.to_string(),
+        parent_id: None,
+        queue: DEFAULT_QUEUE.into(),
+        tasks: kind.tasks().iter().map(|t| t.to_string()).collect(),
+    };
+    let record = state.store.create_operation(&new, now).await?;
+    announce(state, &record).await;
+    Ok(record)
+}
+
+/// Tells the workers; a lost announcement only delays the work (workers also poll).
+pub async fn announce(state: &AppState, record: &OperationRecord) {
+    let job = Job {
+        operation_id: record.id.clone(),
+        kind: record.kind.as_str().into(),
+        queue: record.queue.clone(),
+    };
+    if let Err(e) = state.queue.publish(&job).await {
+        tracing::warn!(operation = %record.id, error = %e, "could not announce the operation");
+    }
+}

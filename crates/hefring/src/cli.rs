@@ -1,0 +1,224 @@
+//! The command line. Every flag `--foo-bar` can also be set as `HEFRING_FOO_BAR` or as
+//! `foo_bar` in the TOML configuration file (see `config.rs`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "hefring", version, about = "Hefring: a hosting control plane for PHP sites")]
+pub struct Cli {
+    /// TOML configuration file (default DATA_DIR/hefring.toml).
+    #[arg(long, env = "HEFRING_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// Where Hefring keeps its state, artifacts and keys.
+    #[arg(long, env = "HEFRING_DATA_DIR", default_value = "./hefring-data")]
+    pub data_dir: PathBuf,
+    /// The state database (default: SQLite in the data directory).
+    #[arg(long, env = "HEFRING_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The Hefring server.
+    #[arg(long, env = "HEFRING_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// An API token (`hefring admin create-token`).
+    #[arg(long, env = "HEFRING_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// How to print results.
+    #[arg(long, env = "HEFRING_OUTPUT", value_enum, default_value = "table", global = true)]
+    pub output: Output,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the whole system in one process: API, workers, embedded queue.
+    Serve(ServeArgs),
+    /// Administration that works on the state directly.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Targets: where sites run.
+    Target {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: TargetCommand,
+    },
+    /// Projects: git repositories with a .hefring.yml.
+    Project {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Releases: immutable builds of a project at one commit.
+    Release {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ReleaseCommand,
+    },
+    /// Operations: what Hefring does, with their tasks and logs.
+    Op {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: OpCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    /// Address to listen on.
+    #[arg(long, env = "HEFRING_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Operations run at once.
+    #[arg(long, env = "HEFRING_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+    /// Seconds one task may run before it is killed and fails.
+    #[arg(long, env = "HEFRING_TASK_TIMEOUT", default_value_t = 3600)]
+    pub task_timeout: u64,
+    /// Seconds an operation's lease lasts without renewal (at most 15).
+    #[arg(long, env = "HEFRING_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=15))]
+    pub lease_seconds: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Create an admin API token; prints it alone on the last line.
+    CreateToken {
+        #[command(flatten)]
+        state: StateArgs,
+        /// What the token is for (shown as the requester of its operations).
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Follow {
+    /// Follow the operation's log until it ends; exit non-zero unless it succeeded.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TargetCommand {
+    /// Register a server target.
+    Add {
+        name: String,
+        /// `local` or `ssh://user@host:port`.
+        #[arg(long)]
+        host: String,
+        #[arg(long)]
+        root: Option<String>,
+        #[arg(long)]
+        http_port: Option<u16>,
+        #[arg(long)]
+        https_port: Option<u16>,
+        #[arg(long)]
+        web_user: Option<String>,
+        /// Pin this host key (`TYPE BASE64`) instead of trusting the first one seen.
+        #[arg(long)]
+        host_key: Option<String>,
+    },
+    List,
+    Show { target: String },
+    /// Check that the target is reachable and has what sites need.
+    Verify {
+        target: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Remove a target that runs no environments.
+    Rm {
+        target: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectCommand {
+    /// Add a project from a git URL or an absolute path.
+    Add {
+        name: String,
+        #[arg(long)]
+        git_url: String,
+        #[arg(long)]
+        branch: Option<String>,
+    },
+    List,
+    Show { project: String },
+    /// Check that the repository is reachable and its manifest valid.
+    Verify {
+        project: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReleaseCommand {
+    /// Build a release of a branch, tag or commit.
+    Build {
+        project: String,
+        #[arg(long = "ref")]
+        git_ref: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    List {
+        #[arg(long)]
+        project: Option<String>,
+    },
+    Show { release: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OpCommand {
+    List {
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    Show { operation: String },
+    /// Print the log; with --follow, stream it live until the operation ends.
+    Logs {
+        operation: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// A new attempt of a failed or cancelled operation.
+    Retry {
+        operation: String,
+        /// Run every task again instead of resuming at the failed one.
+        #[arg(long)]
+        from_start: bool,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    Cancel { operation: String },
+}

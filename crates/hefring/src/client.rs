@@ -1,0 +1,410 @@
+//! The command-line client: every command is one or two API calls, printed as a table or
+//! as the API's JSON. Exit status: 0 on success, 1 with a one-line error otherwise.
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures::StreamExt;
+use hefring_wire::{ErrorBody, List, Operation, Project, Release, Target};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::cli::{ClientArgs, OpCommand, Output, ProjectCommand, ReleaseCommand, TargetCommand};
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    output: Output,
+}
+
+impl Client {
+    fn new(args: ClientArgs) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: args.url.trim_end_matches('/').to_string(),
+            token: args.token,
+            output: args.output,
+        }
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{}/api/v1{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        request
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            if let Ok(body) = serde_json::from_str::<ErrorBody>(&text) {
+                bail!("{} ({})", body.error.message, body.error.code);
+            }
+            bail!("the server answered {status}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<(T, Value)> {
+        let value = self.send(Method::GET, path, None).await?;
+        Ok((serde_json::from_value(value.clone())?, value))
+    }
+
+    /// A target or project given by id or by name.
+    async fn resolve(&self, collection: &str, prefix: &str, given: &str) -> Result<String> {
+        if given.starts_with(prefix) {
+            return Ok(given.to_string());
+        }
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/{collection}?limit=500&cursor={c}"),
+                None => format!("/{collection}?limit=500"),
+            };
+            let (list, _): (List<Value>, _) = self.get(&path).await?;
+            if let Some(found) = list.items.iter().find(|i| i["name"] == given) {
+                return Ok(found["id"].as_str().unwrap_or_default().to_string());
+            }
+            match list.next {
+                Some(next) => cursor = Some(next),
+                None => bail!("no {} named {given}", collection.trim_end_matches('s')),
+            }
+        }
+    }
+
+    fn print(&self, value: &Value, table: impl FnOnce()) {
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+            Output::Table => table(),
+        }
+    }
+
+    /// Prints a started operation, then follows it if asked.
+    async fn started(&self, value: Value, follow: bool) -> Result<i32> {
+        let op: Operation = serde_json::from_value(value.clone())?;
+        if follow {
+            return self.follow(&op.id).await;
+        }
+        self.print(&value, || println!("{} {} {}", op.id, op.kind, op.status));
+        Ok(0)
+    }
+
+    /// Streams an operation's log until it ends; the exit code says how it ended.
+    async fn follow(&self, id: &str) -> Result<i32> {
+        let response = self
+            .request(Method::GET, &format!("/operations/{id}/log"))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        if response.status() != StatusCode::OK {
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error.message).unwrap_or(text);
+            bail!("{message}");
+        }
+        let progress = std::io::stderr().is_terminal() && self.output == Output::Table;
+        let mut body = response.bytes_stream();
+        let mut buffer = String::new();
+        let mut last_op: Option<Operation> = None;
+        while let Some(chunk) = body.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk?));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let mut event = "message";
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push(d.strip_prefix(' ').unwrap_or(d));
+                    }
+                }
+                let data = data.join("\n");
+                match event {
+                    "log" => {
+                        if progress {
+                            eprint!("\r\x1b[K");
+                        }
+                        match self.output {
+                            Output::Table => println!("{data}"),
+                            Output::Json => println!("{}", json!({ "log": data })),
+                        }
+                        if progress {
+                            if let Some(op) = &last_op {
+                                eprint!("{}", progress_line(op));
+                            }
+                        }
+                    }
+                    "status" => {
+                        if let Ok(op) = serde_json::from_str::<Operation>(&data) {
+                            if progress {
+                                eprint!("\r\x1b[K{}", progress_line(&op));
+                            }
+                            last_op = Some(op);
+                        }
+                    }
+                    "end" => {
+                        if progress {
+                            eprintln!("\r\x1b[K");
+                        }
+                        let op: Operation = self.get(&format!("/operations/{id}")).await?.0;
+                        match self.output {
+                            Output::Json => println!("{}", serde_json::to_string(&op)?),
+                            Output::Table => {
+                                let mut line = format!("operation {} {}", op.id, op.status);
+                                if let Some(error) = &op.error {
+                                    line.push_str(&format!(": {error}"));
+                                }
+                                eprintln!("{line}");
+                            }
+                        }
+                        return Ok(if op.status == "succeeded" { 0 } else { 1 });
+                    }
+                    _ => {}
+                }
+                let _ = std::io::stdout().flush();
+            }
+        }
+        Err(anyhow!("the log stream ended before the operation did"))
+    }
+}
+
+fn progress_line(op: &Operation) -> String {
+    let planned: Vec<_> = op.tasks.iter().filter(|t| !t.rollback).collect();
+    let done = planned.iter().filter(|t| matches!(t.status.as_str(), "succeeded" | "skipped")).count();
+    let current = op
+        .tasks
+        .iter()
+        .find(|t| t.status == "running")
+        .map(|t| t.name.as_str())
+        .unwrap_or("");
+    format!("[{done}/{}] {} {} {current}", planned.len(), op.kind, op.status)
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn show_fields(value: &Value) {
+    if let Some(map) = value.as_object() {
+        for (key, v) in map {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            println!("{key:<12} {text}");
+        }
+    }
+}
+
+fn operation_table(op: &Operation) {
+    println!("{} {} on {} {}: {} (attempt {})", op.id, op.kind, op.subject.subject_type, op.subject.id, op.status, op.attempt);
+    if let Some(error) = &op.error {
+        println!("error: {error}");
+    }
+    table(
+        &["task", "status", "attempts", "started", "finished"],
+        op.tasks
+            .iter()
+            .map(|t| {
+                vec![
+                    if t.rollback { format!("{} (rollback)", t.name) } else { t.name.clone() },
+                    t.status.clone(),
+                    t.attempts.to_string(),
+                    t.started_at.clone().unwrap_or_default(),
+                    t.finished_at.clone().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    );
+}
+
+pub async fn target(args: ClientArgs, command: TargetCommand) -> Result<i32> {
+    let client = Client::new(args);
+    match command {
+        TargetCommand::Add { name, host, root, http_port, https_port, web_user, host_key } => {
+            let body = json!({ "name": name, "kind": "server", "host": host, "root": root,
+                "http_port": http_port, "https_port": https_port, "web_user": web_user, "host_key": host_key });
+            let body = strip_nulls(body);
+            let value = client.send(Method::POST, "/targets", Some(body)).await?;
+            let t: Target = serde_json::from_value(value.clone())?;
+            client.print(&value, || println!("{} {} {}", t.id, t.name, t.host));
+        }
+        TargetCommand::List => {
+            let (list, value): (List<Target>, _) = client.get("/targets?limit=500").await?;
+            client.print(&value, || {
+                table(
+                    &["id", "name", "status", "host", "root"],
+                    list.items.into_iter().map(|t| vec![t.id, t.name, t.status, t.host, t.root]).collect(),
+                )
+            });
+        }
+        TargetCommand::Show { target } => {
+            let id = client.resolve("targets", "tgt_", &target).await?;
+            let value = client.send(Method::GET, &format!("/targets/{id}"), None).await?;
+            client.print(&value, || show_fields(&value));
+        }
+        TargetCommand::Verify { target, follow } => {
+            let id = client.resolve("targets", "tgt_", &target).await?;
+            let value = client.send(Method::POST, &format!("/targets/{id}/verify"), None).await?;
+            return client.started(value, follow.follow).await;
+        }
+        TargetCommand::Rm { target, follow } => {
+            let id = client.resolve("targets", "tgt_", &target).await?;
+            let value = client.send(Method::DELETE, &format!("/targets/{id}"), None).await?;
+            return client.started(value, follow.follow).await;
+        }
+    }
+    Ok(0)
+}
+
+fn strip_nulls(mut value: Value) -> Value {
+    if let Some(map) = value.as_object_mut() {
+        map.retain(|_, v| !v.is_null());
+    }
+    value
+}
+
+pub async fn project(args: ClientArgs, command: ProjectCommand) -> Result<i32> {
+    let client = Client::new(args);
+    match command {
+        ProjectCommand::Add { name, git_url, branch } => {
+            let body = strip_nulls(json!({ "name": name, "git_url": git_url, "branch": branch }));
+            let value = client.send(Method::POST, "/projects", Some(body)).await?;
+            let p: Project = serde_json::from_value(value.clone())?;
+            client.print(&value, || println!("{} {} {} ({})", p.id, p.name, p.git_url, p.branch));
+        }
+        ProjectCommand::List => {
+            let (list, value): (List<Project>, _) = client.get("/projects?limit=500").await?;
+            client.print(&value, || {
+                table(
+                    &["id", "name", "status", "branch", "git url"],
+                    list.items.into_iter().map(|p| vec![p.id, p.name, p.status, p.branch, p.git_url]).collect(),
+                )
+            });
+        }
+        ProjectCommand::Show { project } => {
+            let id = client.resolve("projects", "prj_", &project).await?;
+            let value = client.send(Method::GET, &format!("/projects/{id}"), None).await?;
+            client.print(&value, || show_fields(&value));
+        }
+        ProjectCommand::Verify { project, follow } => {
+            let id = client.resolve("projects", "prj_", &project).await?;
+            let value = client.send(Method::POST, &format!("/projects/{id}/verify"), None).await?;
+            return client.started(value, follow.follow).await;
+        }
+    }
+    Ok(0)
+}
+
+pub async fn release(args: ClientArgs, command: ReleaseCommand) -> Result<i32> {
+    let client = Client::new(args);
+    match command {
+        ReleaseCommand::Build { project, git_ref, follow } => {
+            let id = client.resolve("projects", "prj_", &project).await?;
+            let value = client.send(Method::POST, &format!("/projects/{id}/releases"), Some(json!({ "ref": git_ref }))).await?;
+            return client.started(value, follow.follow).await;
+        }
+        ReleaseCommand::List { project } => {
+            let path = match project {
+                Some(p) => format!("/releases?limit=500&project={}", client.resolve("projects", "prj_", &p).await?),
+                None => "/releases?limit=500".into(),
+            };
+            let (list, value): (List<Release>, _) = client.get(&path).await?;
+            client.print(&value, || {
+                table(
+                    &["id", "project", "ref", "commit", "status", "sha256"],
+                    list.items
+                        .into_iter()
+                        .map(|r| {
+                            let sha = r.artifact.map(|a| a.sha256[..12].to_string()).unwrap_or_default();
+                            vec![r.id, r.project, r.git_ref, r.commit[..12.min(r.commit.len())].to_string(), r.status, sha]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        ReleaseCommand::Show { release } => {
+            let value = client.send(Method::GET, &format!("/releases/{release}"), None).await?;
+            client.print(&value, || show_fields(&value));
+        }
+    }
+    Ok(0)
+}
+
+pub async fn op(args: ClientArgs, command: OpCommand) -> Result<i32> {
+    let client = Client::new(args);
+    match command {
+        OpCommand::List { subject, status, limit } => {
+            let mut path = format!("/operations?limit={limit}");
+            if let Some(s) = subject {
+                path.push_str(&format!("&subject={s}"));
+            }
+            if let Some(s) = status {
+                path.push_str(&format!("&status={s}"));
+            }
+            let (list, value): (List<Operation>, _) = client.get(&path).await?;
+            client.print(&value, || {
+                table(
+                    &["id", "kind", "subject", "status", "attempt", "created"],
+                    list.items
+                        .into_iter()
+                        .map(|o| vec![o.id, o.kind, o.subject.id, o.status, o.attempt.to_string(), o.created_at])
+                        .collect(),
+                )
+            });
+        }
+        OpCommand::Show { operation } => {
+            let (op, value): (Operation, _) = client.get(&format!("/operations/{operation}")).await?;
+            client.print(&value, || operation_table(&op));
+        }
+        OpCommand::Logs { operation, follow } => {
+            if follow.follow {
+                return client.follow(&operation).await;
+            }
+            let response = client.request(Method::GET, &format!("/operations/{operation}/log")).send().await?;
+            let status = response.status();
+            let text = response.text().await?;
+            if !status.is_success() {
+                let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error.message).unwrap_or(text);
+                bail!("{message}");
+            }
+            print!("{text}");
+        }
+        OpCommand::Retry { operation, from_start, follow } => {
+            let value = client
+                .send(Method::POST, &format!("/operations/{operation}/retry"), Some(json!({ "from_start": from_start })))
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        OpCommand::Cancel { operation } => {
+            let value = client.send(Method::POST, &format!("/operations/{operation}/cancel"), None).await?;
+            let op: Operation = serde_json::from_value(value.clone())?;
+            client.print(&value, || println!("{} {}", op.id, if op.status == "cancelled" { "cancelled" } else { "cancel requested" }));
+        }
+    }
+    Ok(0)
+}

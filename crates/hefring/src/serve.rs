@@ -1,0 +1,157 @@
+//! `hefring serve` and `hefring admin`: wiring the store, the queue, the engine and the API.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hefring_core::operation::OperationKind;
+use hefring_core::{new_id, IdKind};
+use hefring_engine::{time::now_ms, Engine, EngineConfig};
+use hefring_queue::{EmbeddedQueue, Job, Queue};
+use hefring_store::{NewOperation, SqliteStore, Store, TargetRecord, TokenRecord};
+
+use crate::cli::{ServeArgs, StateArgs};
+
+/// The data directory, created if needed, as an absolute path.
+fn data_dir(state: &StateArgs) -> Result<PathBuf> {
+    std::fs::create_dir_all(&state.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", state.data_dir.display()))?;
+    Ok(std::fs::canonicalize(&state.data_dir)?)
+}
+
+pub async fn open_store(state: &StateArgs, data_dir: &Path) -> Result<Arc<dyn Store>> {
+    let url = match &state.database_url {
+        Some(url) if url.starts_with("sqlite:") => url.clone(),
+        Some(url) => bail!(
+            "--database-url {}: only sqlite: URLs are supported by this version (PostgreSQL comes with the distributed mode)",
+            url.split('@').next_back().unwrap_or("")
+        ),
+        None => format!("sqlite://{}", data_dir.join("hefring.db").display()),
+    };
+    let store = SqliteStore::connect(&url).await.context("cannot open the state database")?;
+    Ok(Arc::new(store))
+}
+
+/// An exclusive lock on the data directory: one embedded server per state, so at start-up
+/// every lease still marked running belongs to a process that is gone.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("hefring.lock"))?;
+    // SAFETY: flock on a file descriptor we own.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !locked {
+        bail!("another hefring serve is using the data directory {}", dir.display());
+    }
+    Ok(file)
+}
+
+/// Aegir3 registers its own host as a server; so does a fresh Hefring, once.
+async fn register_local_target(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>, data_dir: &Path) -> Result<()> {
+    if store.get_setting("local_target_registered").await?.is_some() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let id = new_id(IdKind::Target, now);
+    let target = TargetRecord {
+        id: id.clone(),
+        name: "local".into(),
+        kind: "server".into(),
+        status: "new".into(),
+        host: "local".into(),
+        root: data_dir.join("targets").join(&id).to_string_lossy().into_owned(),
+        http_port: 80,
+        https_port: 443,
+        web_user: "www-data".into(),
+        host_key: None,
+        inspection: None,
+        created_at: now,
+        updated_at: now,
+    };
+    if store.target_by_name("local").await?.is_none() {
+        store.insert_target(&target).await?;
+        let kind = OperationKind::TargetVerify;
+        let op = NewOperation {
+            id: new_id(IdKind::Operation, now),
+            kind,
+            subject_type: kind.subject_type(),
+            subject_id: id,
+            inputs: serde_json::json!({}),
+            requested_by: "hefring".into(),
+            parent_id: None,
+            queue: "hefring".into(),
+            tasks: kind.tasks().iter().map(|t| t.to_string()).collect(),
+        };
+        let op = store.create_operation(&op, now).await?;
+        let _ = queue
+            .publish(&Job { operation_id: op.id, kind: kind.as_str().into(), queue: op.queue })
+            .await;
+    }
+    store.set_setting("local_target_registered", "1").await?;
+    Ok(())
+}
+
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let dir = data_dir(&args.state)?;
+    let _lock = lock_data_dir(&dir)?;
+    let store = open_store(&args.state, &dir).await?;
+    let reclaimed = store.expire_all_leases().await?;
+    if reclaimed > 0 {
+        tracing::info!(count = reclaimed, "resuming operations left running by the previous process");
+    }
+    let queue: Arc<dyn Queue> = Arc::new(EmbeddedQueue::new());
+    register_local_target(&store, &queue, &dir).await?;
+
+    let mut config = EngineConfig::new(dir.clone());
+    config.workers = args.workers;
+    config.task_timeout = Duration::from_secs(args.task_timeout);
+    config.lease = Duration::from_secs(args.lease_seconds);
+    let engine = Engine::new(store.clone(), queue.clone(), config).await.context("cannot start the workers")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = engine.start(stopped);
+
+    let state = hefring_api::AppState { store, queue, data_dir: dir.clone() };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    println!("hefring listening on http://{address} (data in {})", dir.display());
+    hefring_api::serve(listener, state, async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+    .await?;
+    let _ = stop.send(true);
+    // Running operations keep their leases; the next start resumes them.
+    for worker in workers {
+        worker.abort();
+    }
+    Ok(())
+}
+
+pub async fn create_token(state: StateArgs, name: String) -> Result<()> {
+    hefring_core::validate::name("name", &name).map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let dir = data_dir(&state)?;
+    let store = open_store(&state, &dir).await?;
+    let token = hefring_api::new_token();
+    let now = now_ms();
+    store
+        .insert_token(&TokenRecord {
+            id: new_id(IdKind::Token, now),
+            name: name.clone(),
+            token_sha256: hefring_api::hash_token(&token),
+            role: "admin".into(),
+            created_at: now,
+        })
+        .await?;
+    eprintln!("created admin token {name:?}; it is shown once:");
+    println!("{token}");
+    Ok(())
+}
