@@ -18,7 +18,14 @@ fn field_of(message: &str, path: &str) -> String {
     for marker in ["missing field `", "unknown field `"] {
         if let Some(rest) = message.split(marker).nth(1) {
             if let Some(name) = rest.split('`').next() {
-                return if path.is_empty() || path == "." { name.to_string() } else { format!("{path}.{name}") };
+                let at_root = path.is_empty() || path == ".";
+                return if at_root {
+                    name.to_string()
+                } else if path == name || path.ends_with(&format!(".{name}")) {
+                    path.to_string()
+                } else {
+                    format!("{path}.{name}")
+                };
             }
         }
     }
@@ -26,6 +33,12 @@ fn field_of(message: &str, path: &str) -> String {
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if !bytes.trim_ascii_start().starts_with(b"{") {
+        return match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => Err(ApiError::invalid("body", "must be a JSON object")),
+            Err(e) => Err(ApiError::Malformed(format!("the body is not valid JSON: {e}"))),
+        };
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(value) => match de.end() {

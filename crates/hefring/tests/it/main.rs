@@ -1,0 +1,9 @@
+//! Hefring's integration tests: one binary (one link step on a 2-core machine), driving a
+//! real `hefring serve` over HTTP and the real CLI, with SQLite, git and sshd.
+
+mod api;
+mod cli;
+mod durability;
+mod harness;
+mod operations;
+mod ssh;
