@@ -39,7 +39,11 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_token(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let token = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -52,7 +56,9 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
         .token_by_hash(&hash_token(token))
         .await?
         .ok_or(ApiError::Unauthorized)?;
-    request.extensions_mut().insert(Caller(format!("token:{}", record.name)));
+    request
+        .extensions_mut()
+        .insert(Caller(format!("token:{}", record.name)));
     Ok(next.run(request).await)
 }
 

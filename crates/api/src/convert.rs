@@ -47,7 +47,10 @@ pub fn project(p: ProjectRecord) -> wire::Project {
 
 pub fn release(r: ReleaseRecord, environments: Vec<String>) -> wire::Release {
     let artifact = match (r.artifact_sha256, r.artifact_size) {
-        (Some(sha256), Some(size)) => Some(wire::Artifact { sha256, size: size as u64 }),
+        (Some(sha256), Some(size)) => Some(wire::Artifact {
+            sha256,
+            size: size as u64,
+        }),
         _ => None,
     };
     wire::Release {
@@ -70,7 +73,10 @@ pub fn operation(o: OperationRecord) -> wire::Operation {
     wire::Operation {
         id: o.id,
         kind: o.kind.as_str().into(),
-        subject: wire::Subject { subject_type: o.subject_type.as_str().into(), id: o.subject_id },
+        subject: wire::Subject {
+            subject_type: o.subject_type.as_str().into(),
+            id: o.subject_id,
+        },
         status: o.status.as_str().into(),
         attempt: o.attempt as u32,
         parent: o.parent_id,

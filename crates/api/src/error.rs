@@ -13,8 +13,13 @@ pub enum ApiError {
     Unauthorized,
     NotFound,
     Invalid(FieldError),
-    Conflict { message: String, field: Option<String> },
-    DuplicateOperation { existing: String },
+    Conflict {
+        message: String,
+        field: Option<String>,
+    },
+    DuplicateOperation {
+        existing: String,
+    },
     Internal(String),
 }
 
@@ -24,12 +29,29 @@ impl ApiError {
     }
 
     pub fn conflict(message: impl Into<String>) -> Self {
-        ApiError::Conflict { message: message.into(), field: None }
+        ApiError::Conflict {
+            message: message.into(),
+            field: None,
+        }
     }
 
-    fn parts(&self) -> (StatusCode, &'static str, String, Option<String>, Option<String>) {
+    fn parts(
+        &self,
+    ) -> (
+        StatusCode,
+        &'static str,
+        String,
+        Option<String>,
+        Option<String>,
+    ) {
         match self {
-            ApiError::Malformed(m) => (StatusCode::BAD_REQUEST, "malformed_request", m.clone(), None, None),
+            ApiError::Malformed(m) => (
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                m.clone(),
+                None,
+                None,
+            ),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -37,7 +59,13 @@ impl ApiError {
                 None,
                 None,
             ),
-            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found", "no such resource".into(), None, None),
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such resource".into(),
+                None,
+                None,
+            ),
             ApiError::Invalid(e) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_field",
@@ -45,7 +73,13 @@ impl ApiError {
                 Some(e.field.clone()),
                 None,
             ),
-            ApiError::Conflict { message, field } => (StatusCode::CONFLICT, "conflict", message.clone(), field.clone(), None),
+            ApiError::Conflict { message, field } => (
+                StatusCode::CONFLICT,
+                "conflict",
+                message.clone(),
+                field.clone(),
+                None,
+            ),
             ApiError::DuplicateOperation { existing } => (
                 StatusCode::CONFLICT,
                 "duplicate_operation",
@@ -53,7 +87,13 @@ impl ApiError {
                 None,
                 Some(existing.clone()),
             ),
-            ApiError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m.clone(), None, None),
+            ApiError::Internal(m) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                m.clone(),
+                None,
+                None,
+            ),
         }
     }
 }
@@ -86,7 +126,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message, field, operation) = self.parts();
         let body = ErrorBody {
-            error: ErrorDetail { code: code.into(), message, field, operation },
+            error: ErrorDetail {
+                code: code.into(),
+                message,
+                field,
+                operation,
+            },
         };
         (status, Json(body)).into_response()
     }

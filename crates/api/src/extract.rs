@@ -29,21 +29,29 @@ fn field_of(message: &str, path: &str) -> String {
             }
         }
     }
-    if path.is_empty() || path == "." { "body".into() } else { path.to_string() }
+    if path.is_empty() || path == "." {
+        "body".into()
+    } else {
+        path.to_string()
+    }
 }
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if !bytes.trim_ascii_start().starts_with(b"{") {
         return match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
             Ok(_) => Err(ApiError::invalid("body", "must be a JSON object")),
-            Err(e) => Err(ApiError::Malformed(format!("the body is not valid JSON: {e}"))),
+            Err(e) => Err(ApiError::Malformed(format!(
+                "the body is not valid JSON: {e}"
+            ))),
         };
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(value) => match de.end() {
             Ok(()) => Ok(value),
-            Err(e) => Err(ApiError::Malformed(format!("the body is not valid JSON: {e}"))),
+            Err(e) => Err(ApiError::Malformed(format!(
+                "the body is not valid JSON: {e}"
+            ))),
         },
         Err(err) => {
             let path = err.path().to_string();
@@ -51,10 +59,16 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             match inner.classify() {
                 serde_json::error::Category::Data => {
                     let message = inner.to_string();
-                    let message = message.split(" at line ").next().unwrap_or(&message).to_string();
+                    let message = message
+                        .split(" at line ")
+                        .next()
+                        .unwrap_or(&message)
+                        .to_string();
                     Err(ApiError::invalid(&field_of(&message, &path), message))
                 }
-                _ => Err(ApiError::Malformed(format!("the body is not valid JSON: {inner}"))),
+                _ => Err(ApiError::Malformed(format!(
+                    "the body is not valid JSON: {inner}"
+                ))),
             }
         }
     }
@@ -97,11 +111,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or("");
         let de = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
-        serde_path_to_error::deserialize(de).map(Query).map_err(|err| {
-            let path = err.path().to_string();
-            let message = err.into_inner().to_string();
-            ApiError::invalid(&field_of(&message, &path), message)
-        })
+        serde_path_to_error::deserialize(de)
+            .map(Query)
+            .map_err(|err| {
+                let path = err.path().to_string();
+                let message = err.into_inner().to_string();
+                ApiError::invalid(&field_of(&message, &path), message)
+            })
     }
 }
 
@@ -140,7 +156,10 @@ mod tests {
     #[test]
     fn syntax_errors_are_malformed() {
         for bad in ["{", "{\"name\": }", "nope", "{\"name\":\"a\"} trailing"] {
-            assert!(matches!(parse::<Sample>(bad.as_bytes()), Err(ApiError::Malformed(_))), "{bad}");
+            assert!(
+                matches!(parse::<Sample>(bad.as_bytes()), Err(ApiError::Malformed(_))),
+                "{bad}"
+            );
         }
     }
 }

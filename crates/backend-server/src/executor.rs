@@ -123,7 +123,11 @@ pub(crate) async fn run_child(
     sink: LineSink<'_>,
 ) -> Result<Option<i32>, ExecError> {
     command
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -183,8 +187,12 @@ mod tests {
     async fn output_is_streamed_line_by_line_with_its_stream() {
         let lines = Mutex::new(Vec::new());
         let sink = |s: Stream, l: String| lines.lock().unwrap().push((s, l));
-        let spec = CommandSpec::new(["sh", "-c", "echo one; echo two >&2; echo \"$GREETING\"; exit 3"])
-            .env("GREETING", "hello");
+        let spec = CommandSpec::new([
+            "sh",
+            "-c",
+            "echo one; echo two >&2; echo \"$GREETING\"; exit 3",
+        ])
+        .env("GREETING", "hello");
         let code = LocalExecutor.run(&spec, &sink).await.unwrap();
         assert_eq!(code, Some(3));
         let mut got = lines.into_inner().unwrap();
@@ -210,7 +218,10 @@ mod tests {
         let run = LocalExecutor.run(&spec, &sink);
         let _ = tokio::time::timeout(std::time::Duration::from_millis(200), run).await;
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-        assert!(!marker.exists(), "a child of the killed command kept running");
+        assert!(
+            !marker.exists(),
+            "a child of the killed command kept running"
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -221,6 +232,8 @@ mod tests {
             .run(&CommandSpec::new(["/nonexistent/program"]), &sink)
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("could not start /nonexistent/program"));
+        assert!(err
+            .to_string()
+            .contains("could not start /nonexistent/program"));
     }
 }

@@ -29,7 +29,11 @@ if command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p 5432; 
 
 /// The command that inspects a server.
 pub fn command() -> CommandSpec {
-    let tools: Vec<&str> = REQUIRED_TOOLS.iter().chain(OPTIONAL_TOOLS).copied().collect();
+    let tools: Vec<&str> = REQUIRED_TOOLS
+        .iter()
+        .chain(OPTIONAL_TOOLS)
+        .copied()
+        .collect();
     CommandSpec::new(["sh", "-c", &SCRIPT.replace("TOOLS", &tools.join(" "))])
 }
 
@@ -37,7 +41,9 @@ pub fn command() -> CommandSpec {
 pub fn parse(output: &str) -> Inspection {
     let mut found = Inspection::default();
     for line in output.lines() {
-        let Some((key, value)) = line.split_once('=') else { continue };
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
         if key == "os" {
             found.os = value.to_string();
         } else if key == "kernel" {
@@ -75,14 +81,25 @@ mod tests {
         assert!(found.kernel.starts_with("Linux"), "{}", found.kernel);
         let sh = found.tools.iter().find(|(n, _)| n == "sh").unwrap();
         assert!(sh.1.as_deref().unwrap().ends_with("/sh"));
-        assert_eq!(found.tools.len(), REQUIRED_TOOLS.len() + OPTIONAL_TOOLS.len());
+        assert_eq!(
+            found.tools.len(),
+            REQUIRED_TOOLS.len() + OPTIONAL_TOOLS.len()
+        );
         assert!(found.services.iter().any(|(n, _)| n == "mariadb"));
     }
 
     #[test]
     fn parse_reads_missing_tools_as_none() {
-        let found = parse("os=Debian\nkernel=Linux 6\ntool:nginx=\ntool:sh=/bin/sh\nservice:mariadb=down\n");
-        assert_eq!(found.tools, [("nginx".into(), None), ("sh".into(), Some("/bin/sh".into()))]);
+        let found = parse(
+            "os=Debian\nkernel=Linux 6\ntool:nginx=\ntool:sh=/bin/sh\nservice:mariadb=down\n",
+        );
+        assert_eq!(
+            found.tools,
+            [
+                ("nginx".into(), None),
+                ("sh".into(), Some("/bin/sh".into()))
+            ]
+        );
         assert_eq!(found.services, [("mariadb".into(), false)]);
     }
 }

@@ -104,7 +104,9 @@ fn remote_script(spec: &CommandSpec) -> Result<String, ExecError> {
             && !key.starts_with(|c: char| c.is_ascii_digit())
             && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid {
-            return Err(ExecError::Invalid(format!("invalid environment variable name {key:?}")));
+            return Err(ExecError::Invalid(format!(
+                "invalid environment variable name {key:?}"
+            )));
         }
         script.push_str(&format!("export {key}={}\n", shell_quote(value)));
     }
@@ -124,16 +126,29 @@ fn remote_script(spec: &CommandSpec) -> Result<String, ExecError> {
 impl Executor for SshExecutor {
     async fn run(&self, spec: &CommandSpec, sink: LineSink<'_>) -> Result<Option<i32>, ExecError> {
         let script = remote_script(spec)?;
-        self.prepare_known_hosts().await.map_err(|source| ExecError::Io {
-            program: "ssh".into(),
-            source,
-        })?;
-        let checking = if self.pinned_host_key.is_some() { "yes" } else { "accept-new" };
+        self.prepare_known_hosts()
+            .await
+            .map_err(|source| ExecError::Io {
+                program: "ssh".into(),
+                source,
+            })?;
+        let checking = if self.pinned_host_key.is_some() {
+            "yes"
+        } else {
+            "accept-new"
+        };
         let mut command = Command::new("ssh");
         command
             .arg("-i")
             .arg(&self.key.private_key)
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "HashKnownHosts=no"])
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "HashKnownHosts=no",
+            ])
             .args(["-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15"])
             .arg("-o")
             .arg(format!("StrictHostKeyChecking={checking}"))
@@ -168,9 +183,15 @@ mod tests {
 
     #[test]
     fn the_remote_script_runs_the_argv_with_its_environment() {
-        let spec = CommandSpec::new(["sh", "-c", "echo \"$SECRET\" in \"$PWD\"; echo \"$1\"", "x", "it's"])
-            .cwd("/tmp")
-            .env("SECRET", "p@ss'word");
+        let spec = CommandSpec::new([
+            "sh",
+            "-c",
+            "echo \"$SECRET\" in \"$PWD\"; echo \"$1\"",
+            "x",
+            "it's",
+        ])
+        .cwd("/tmp")
+        .env("SECRET", "p@ss'word");
         let script = remote_script(&spec).unwrap();
         let out = std::process::Command::new("sh")
             .arg("-s")
@@ -183,7 +204,10 @@ mod tests {
                 child.wait_with_output()
             })
             .unwrap();
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), "p@ss'word in /tmp\nit's\n");
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            "p@ss'word in /tmp\nit's\n"
+        );
         assert!(remote_script(&CommandSpec::new(["x"]).env("BAD;NAME", "v")).is_err());
     }
 }

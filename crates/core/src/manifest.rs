@@ -117,12 +117,18 @@ impl Manifest {
             let field = format!("writable[{i}]");
             validate::relative_path(&field, path)?;
             if path == "." {
-                return Err(FieldError::new(field, "must name a directory inside the tree"));
+                return Err(FieldError::new(
+                    field,
+                    "must name a directory inside the tree",
+                ));
             }
         }
         if !self.health.starts_with('/') || self.health.chars().any(|c| c.is_control() || c == ' ')
         {
-            return Err(FieldError::new("health", "must be a path starting with '/'"));
+            return Err(FieldError::new(
+                "health",
+                "must be a path starting with '/'",
+            ));
         }
         let lists = [
             ("build", &self.build),

@@ -219,7 +219,10 @@ mod tests {
     fn every_kind_has_tasks_and_a_snake_case_name() {
         for kind in OperationKind::ALL {
             assert!(!kind.tasks().is_empty(), "{kind}");
-            assert!(kind.as_str().starts_with(kind.subject_type().as_str()) || *kind == OperationKind::ReleaseBuild);
+            assert!(
+                kind.as_str().starts_with(kind.subject_type().as_str())
+                    || *kind == OperationKind::ReleaseBuild
+            );
             assert_eq!(OperationKind::parse(kind.as_str()), Some(*kind));
         }
     }

@@ -10,7 +10,11 @@ use crate::validate::FieldError;
 #[serde(tag = "via", rename_all = "lowercase")]
 pub enum Host {
     Local,
-    Ssh { user: String, host: String, port: u16 },
+    Ssh {
+        user: String,
+        host: String,
+        port: u16,
+    },
 }
 
 impl Host {
@@ -133,7 +137,9 @@ mod tests {
     fn verdict_names_what_is_missing() {
         let mut found = Inspection::default();
         for tool in REQUIRED_TOOLS {
-            found.tools.push((tool.to_string(), Some(format!("/usr/bin/{tool}"))));
+            found
+                .tools
+                .push((tool.to_string(), Some(format!("/usr/bin/{tool}"))));
         }
         assert!(missing_requirements(&found).is_empty());
         found.tools.retain(|(n, _)| n != "nginx");

@@ -144,7 +144,10 @@ pub fn git_ref(field: &str, value: &str) -> Result<(), FieldError> {
 
 /// Whether `value` is a full, lower-case SHA-1 commit id.
 pub fn is_full_commit(value: &str) -> bool {
-    value.len() == 40 && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    value.len() == 40
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A path inside a release tree: relative, without `..`, `.` segments or control characters.
@@ -152,7 +155,9 @@ pub fn relative_path(field: &str, value: &str) -> Result<(), FieldError> {
     let valid = !value.is_empty()
         && !value.starts_with('/')
         && !value.chars().any(|c| c.is_control())
-        && value.split('/').all(|seg| !seg.is_empty() && seg != ".." && seg != ".");
+        && value
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != ".." && seg != ".");
     if valid || value == "." {
         Ok(())
     } else {
@@ -180,11 +185,27 @@ mod tests {
 
     #[test]
     fn domains() {
-        for ok in ["example.com", "a.test", "x.localhost", "localhost", "a-b.c-d.e"] {
+        for ok in [
+            "example.com",
+            "a.test",
+            "x.localhost",
+            "localhost",
+            "a-b.c-d.e",
+        ] {
             assert!(domain("domain", ok).is_ok(), "{ok}");
         }
         let long = format!("{}.com", vec!["a".repeat(63); 4].join("."));
-        for bad in ["", "Example.com", "a..b", ".a", "a.", "a_b.c", "-a.b", &long, "a b"] {
+        for bad in [
+            "",
+            "Example.com",
+            "a..b",
+            ".a",
+            "a.",
+            "a_b.c",
+            "-a.b",
+            &long,
+            "a b",
+        ] {
             assert!(domain("domain", bad).is_err(), "{bad}");
         }
     }
@@ -223,7 +244,9 @@ mod tests {
         for ok in ["main", "v1.2.3", "feature/x", "0123abc", "release-2024_1"] {
             assert!(git_ref("ref", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-x", "--all", "a..b", "HEAD@{1}", "a b", "a~1", "a^", "x.lock", "/a", "a/"] {
+        for bad in [
+            "", "-x", "--all", "a..b", "HEAD@{1}", "a b", "a~1", "a^", "x.lock", "/a", "a/",
+        ] {
             assert!(git_ref("ref", bad).is_err(), "{bad}");
         }
     }

@@ -11,4 +11,4 @@ mod worker;
 pub mod time;
 
 pub use run::{TaskError, TaskOutput};
-pub use worker::{Engine, EngineConfig};
+pub use worker::{Engine, EngineConfig, Observed, Observer};

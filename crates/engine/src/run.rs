@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use hefring_backend_server::{CommandSpec, ExecError, Executor, LocalExecutor, SshExecutor, SshKeyPair, Stream};
+use hefring_backend_server::{
+    CommandSpec, ExecError, Executor, LocalExecutor, SshExecutor, SshKeyPair, Stream,
+};
 use hefring_core::operation::TaskStatus;
 use hefring_core::target::Host;
 use hefring_store::{OperationRecord, Store, StoreError, TargetRecord};
@@ -90,7 +92,9 @@ pub type TaskResult = Result<TaskOutput, TaskError>;
 
 impl Context {
     pub fn artifact_path(&self, sha256: &str) -> PathBuf {
-        self.data_dir.join("artifacts").join(format!("{sha256}.tar.zst"))
+        self.data_dir
+            .join("artifacts")
+            .join(format!("{sha256}.tar.zst"))
     }
 
     /// How to run commands on `target`.
@@ -102,7 +106,11 @@ impl Context {
                 host,
                 port,
                 key: self.ssh_key.clone(),
-                known_hosts: self.data_dir.join("ssh").join("known_hosts.d").join(&target.id),
+                known_hosts: self
+                    .data_dir
+                    .join("ssh")
+                    .join("known_hosts.d")
+                    .join(&target.id),
                 pinned_host_key: target.host_key.clone(),
             })),
         }

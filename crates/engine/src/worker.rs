@@ -7,7 +7,9 @@ use std::time::Duration;
 use hefring_backend_server::SshKeyPair;
 use hefring_core::operation::{next_task, OperationStatus, TaskStatus};
 use hefring_queue::{Delivery, Queue};
-use hefring_store::{Claim, LeaseState, OperationOutcome, OperationRecord, Store, StoreError, TaskOutcome};
+use hefring_store::{
+    Claim, LeaseState, OperationOutcome, OperationRecord, Store, StoreError, TaskOutcome,
+};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -17,8 +19,14 @@ use crate::run::{Context, TaskContext, TaskError};
 use crate::tasks;
 use crate::time::now_ms;
 
-/// Called with (operation id, task name) as each task starts: a hook for benchmarks.
-pub type TaskObserver = Arc<dyn Fn(&str, &str) + Send + Sync>;
+/// What an observer hears about: a hook for benchmarks and tests, called on the worker.
+#[derive(Clone, Copy, Debug)]
+pub enum Observed<'a> {
+    TaskStarted { operation: &'a str, task: &'a str },
+    OperationEnded { operation: &'a str },
+}
+
+pub type Observer = Arc<dyn Fn(Observed<'_>) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -33,7 +41,7 @@ pub struct EngineConfig {
     /// The queues this worker serves (empty: all).
     pub queues: Vec<String>,
     pub data_dir: PathBuf,
-    pub observer: Option<TaskObserver>,
+    pub observer: Option<Observer>,
 }
 
 impl EngineConfig {
@@ -71,7 +79,11 @@ enum Ending {
 }
 
 impl Engine {
-    pub async fn new(store: Arc<dyn Store>, queue: Arc<dyn Queue>, config: EngineConfig) -> std::io::Result<Arc<Engine>> {
+    pub async fn new(
+        store: Arc<dyn Store>,
+        queue: Arc<dyn Queue>,
+        config: EngineConfig,
+    ) -> std::io::Result<Arc<Engine>> {
         let ssh_key = SshKeyPair::ensure(&config.data_dir.join("ssh")).await?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand_u16());
@@ -171,12 +183,17 @@ impl Engine {
         let result = self.drive(&op, owner, &log, interrupt_rx).await;
         keeper.abort();
         log.flush().await;
+        if let Some(observe) = &self.config.observer {
+            observe(Observed::OperationEnded { operation: &op.id });
+        }
         match result {
             Ok(()) => {}
             Err(StoreError::LeaseLost(_)) => {
                 tracing::info!(operation = %op.id, "lease lost; another worker owns the operation now");
             }
-            Err(e) => tracing::warn!(operation = %op.id, error = %e, "recording the operation failed"),
+            Err(e) => {
+                tracing::warn!(operation = %op.id, error = %e, "recording the operation failed")
+            }
         }
     }
 
@@ -205,7 +222,9 @@ impl Engine {
                 }
                 let until = now_ms() + lease.as_millis() as i64;
                 match store.renew_lease(&id, &owner, until).await {
-                    Ok(LeaseState::Held { cancel_requested: true }) => {
+                    Ok(LeaseState::Held {
+                        cancel_requested: true,
+                    }) => {
                         interrupt.send_if_modified(|i| {
                             let changed = *i == Interrupt::None;
                             if changed {
@@ -219,7 +238,9 @@ impl Engine {
                         let _ = interrupt.send(Interrupt::LeaseLost);
                         return;
                     }
-                    Err(e) => tracing::warn!(operation = %id, error = %e, "renewing a lease failed"),
+                    Err(e) => {
+                        tracing::warn!(operation = %id, error = %e, "renewing a lease failed")
+                    }
                 }
             }
         })
@@ -239,7 +260,12 @@ impl Engine {
         if op.tasks.iter().any(|t| t.rollback) {
             let ending = match state["_ending"]["status"].as_str() {
                 Some("cancelled") => Ending::Cancelled,
-                _ => Ending::Failed(state["_ending"]["error"].as_str().unwrap_or("failed").to_string()),
+                _ => Ending::Failed(
+                    state["_ending"]["error"]
+                        .as_str()
+                        .unwrap_or("failed")
+                        .to_string(),
+                ),
             };
             return self.roll_back_and_end(op, owner, log, &state, ending).await;
         }
@@ -253,24 +279,38 @@ impl Engine {
                 result: state.get("result").cloned().unwrap_or(json!({})),
                 error: None,
             };
-            return store.finish_operation(&op.id, owner, &outcome, now_ms()).await;
+            return store
+                .finish_operation(&op.id, owner, &outcome, now_ms())
+                .await;
         };
 
         for (index, task) in planned.iter().enumerate().skip(first) {
             if *interrupt.borrow() == Interrupt::Cancel {
-                return self.roll_back_and_end(op, owner, log, &state, Ending::Cancelled).await;
+                return self
+                    .roll_back_and_end(op, owner, log, &state, Ending::Cancelled)
+                    .await;
             }
             log.set_task(&task.name);
-            store.start_task(&op.id, owner, task.position, now_ms()).await?;
+            store
+                .start_task(&op.id, owner, task.position, now_ms())
+                .await?;
             if let Some(observe) = &self.config.observer {
-                observe(&op.id, &task.name);
+                observe(Observed::TaskStarted { operation: &op.id, task: &task.name });
             }
             crash_if_asked(&task.name);
             if task.attempts > 0 {
-                log.info(format!("resuming: attempt {} of this task", task.attempts + 1));
+                log.info(format!(
+                    "resuming: attempt {} of this task",
+                    task.attempts + 1
+                ));
             }
 
-            let context = TaskContext { ctx: &self.ctx, op, state: &state, log };
+            let context = TaskContext {
+                ctx: &self.ctx,
+                op,
+                state: &state,
+                log,
+            };
             let timeout = self.config.task_timeout;
             let outcome = tokio::select! {
                 result = tokio::time::timeout(timeout, tasks::run(&context, &task.name)) => Some(match result {
@@ -293,18 +333,35 @@ impl Engine {
                         error: None,
                     };
                     log.flush().await;
-                    let task_outcome = TaskOutcome { status: output.status(), state_patch: output.state_patch };
+                    let task_outcome = TaskOutcome {
+                        status: output.status(),
+                        state_patch: output.state_patch,
+                    };
                     if output.skip_remaining && !rest.is_empty() {
-                        store.finish_task(&op.id, owner, task.position, &task_outcome, None, now).await?;
-                        let skipped = TaskOutcome { status: TaskStatus::Skipped, state_patch: None };
+                        store
+                            .finish_task(&op.id, owner, task.position, &task_outcome, None, now)
+                            .await?;
+                        let skipped = TaskOutcome {
+                            status: TaskStatus::Skipped,
+                            state_patch: None,
+                        };
                         for (i, later) in rest.iter().enumerate() {
                             let finish = (i + 1 == rest.len()).then_some(&success);
-                            store.finish_task(&op.id, owner, later.position, &skipped, finish, now).await?;
+                            store
+                                .finish_task(&op.id, owner, later.position, &skipped, finish, now)
+                                .await?;
                         }
                         return Ok(());
                     }
                     store
-                        .finish_task(&op.id, owner, task.position, &task_outcome, last.then_some(&success), now)
+                        .finish_task(
+                            &op.id,
+                            owner,
+                            task.position,
+                            &task_outcome,
+                            last.then_some(&success),
+                            now,
+                        )
                         .await?;
                     if last {
                         return Ok(());
@@ -313,9 +370,16 @@ impl Engine {
                 Some(Err(error)) => {
                     log.info(format!("failed: {error}"));
                     log.flush().await;
-                    let failed = TaskOutcome { status: TaskStatus::Failed, state_patch: None };
-                    store.finish_task(&op.id, owner, task.position, &failed, None, now).await?;
-                    return self.roll_back_and_end(op, owner, log, &state, Ending::Failed(error.0)).await;
+                    let failed = TaskOutcome {
+                        status: TaskStatus::Failed,
+                        state_patch: None,
+                    };
+                    store
+                        .finish_task(&op.id, owner, task.position, &failed, None, now)
+                        .await?;
+                    return self
+                        .roll_back_and_end(op, owner, log, &state, Ending::Failed(error.0))
+                        .await;
                 }
                 None => {
                     if *interrupt.borrow() == Interrupt::LeaseLost {
@@ -323,9 +387,16 @@ impl Engine {
                     }
                     log.info("cancelled: the running command was stopped");
                     log.flush().await;
-                    let cancelled = TaskOutcome { status: TaskStatus::Cancelled, state_patch: None };
-                    store.finish_task(&op.id, owner, task.position, &cancelled, None, now).await?;
-                    return self.roll_back_and_end(op, owner, log, &state, Ending::Cancelled).await;
+                    let cancelled = TaskOutcome {
+                        status: TaskStatus::Cancelled,
+                        state_patch: None,
+                    };
+                    store
+                        .finish_task(&op.id, owner, task.position, &cancelled, None, now)
+                        .await?;
+                    return self
+                        .roll_back_and_end(op, owner, log, &state, Ending::Cancelled)
+                        .await;
                 }
             }
         }
@@ -354,14 +425,32 @@ impl Engine {
             // Remember how this attempt ends, in case the process dies during the rollback.
             let ending_patch = json!({ "_ending": { "status": status.as_str(), "error": error } });
             merge(&mut state, &ending_patch);
-            store.begin_rollback(&op.id, owner, rollback, &ending_patch).await?;
-            op = store.get_operation(&op.id).await?.ok_or(StoreError::NotFound)?;
+            store
+                .begin_rollback(&op.id, owner, rollback, &ending_patch)
+                .await?;
+            op = store
+                .get_operation(&op.id)
+                .await?
+                .ok_or(StoreError::NotFound)?;
         }
-        for task in op.tasks.iter().filter(|t| t.rollback && !t.status.is_done()) {
+        for task in op
+            .tasks
+            .iter()
+            .filter(|t| t.rollback && !t.status.is_done())
+        {
             log.set_task(&task.name);
-            store.start_task(&op.id, owner, task.position, now_ms()).await?;
-            let context = TaskContext { ctx: &self.ctx, op: &op, state: &state, log };
-            let result = tokio::time::timeout(self.config.task_timeout, tasks::run(&context, &task.name)).await;
+            store
+                .start_task(&op.id, owner, task.position, now_ms())
+                .await?;
+            let context = TaskContext {
+                ctx: &self.ctx,
+                op: &op,
+                state: &state,
+                log,
+            };
+            let result =
+                tokio::time::timeout(self.config.task_timeout, tasks::run(&context, &task.name))
+                    .await;
             let status = match result {
                 Ok(Ok(_)) => TaskStatus::Succeeded,
                 Ok(Err(e)) => {
@@ -375,10 +464,25 @@ impl Engine {
             };
             log.flush().await;
             store
-                .finish_task(&op.id, owner, task.position, &TaskOutcome { status, state_patch: None }, None, now_ms())
+                .finish_task(
+                    &op.id,
+                    owner,
+                    task.position,
+                    &TaskOutcome {
+                        status,
+                        state_patch: None,
+                    },
+                    None,
+                    now_ms(),
+                )
                 .await?;
         }
-        let context = TaskContext { ctx: &self.ctx, op: &op, state: &state, log };
+        let context = TaskContext {
+            ctx: &self.ctx,
+            op: &op,
+            state: &state,
+            log,
+        };
         tasks::after_failure(&context, error.as_deref().unwrap_or("cancelled")).await;
         log.set_task("-");
         match &ending {
@@ -386,8 +490,14 @@ impl Engine {
             Ending::Cancelled => log.info("operation cancelled"),
         }
         log.flush().await;
-        let outcome = OperationOutcome { status, result: json!({}), error };
-        store.finish_operation(&op.id, owner, &outcome, now_ms()).await
+        let outcome = OperationOutcome {
+            status,
+            result: json!({}),
+            error,
+        };
+        store
+            .finish_operation(&op.id, owner, &outcome, now_ms())
+            .await
     }
 }
 

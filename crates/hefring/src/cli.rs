@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "hefring", version, about = "Hefring: a hosting control plane for PHP sites")]
+#[command(
+    name = "hefring",
+    version,
+    about = "Hefring: a hosting control plane for PHP sites"
+)]
 pub struct Cli {
     /// TOML configuration file (default DATA_DIR/hefring.toml).
     #[arg(long, env = "HEFRING_CONFIG", global = true)]
@@ -29,13 +33,24 @@ pub struct StateArgs {
 #[derive(Args, Debug, Clone)]
 pub struct ClientArgs {
     /// The Hefring server.
-    #[arg(long, env = "HEFRING_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "HEFRING_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// An API token (`hefring admin create-token`).
     #[arg(long, env = "HEFRING_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// How to print results.
-    #[arg(long, env = "HEFRING_OUTPUT", value_enum, default_value = "table", global = true)]
+    #[arg(
+        long,
+        env = "HEFRING_OUTPUT",
+        value_enum,
+        default_value = "table",
+        global = true
+    )]
     pub output: Output,
 }
 
@@ -142,7 +157,9 @@ pub enum TargetCommand {
         host_key: Option<String>,
     },
     List,
-    Show { target: String },
+    Show {
+        target: String,
+    },
     /// Check that the target is reachable and has what sites need.
     Verify {
         target: String,
@@ -168,7 +185,9 @@ pub enum ProjectCommand {
         branch: Option<String>,
     },
     List,
-    Show { project: String },
+    Show {
+        project: String,
+    },
     /// Check that the repository is reachable and its manifest valid.
     Verify {
         project: String,
@@ -191,7 +210,9 @@ pub enum ReleaseCommand {
         #[arg(long)]
         project: Option<String>,
     },
-    Show { release: String },
+    Show {
+        release: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,7 +225,9 @@ pub enum OpCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    Show { operation: String },
+    Show {
+        operation: String,
+    },
     /// Print the log; with --follow, stream it live until the operation ends.
     Logs {
         operation: String,
@@ -220,5 +243,7 @@ pub enum OpCommand {
         #[command(flatten)]
         follow: Follow,
     },
-    Cancel { operation: String },
+    Cancel {
+        operation: String,
+    },
 }

@@ -30,7 +30,9 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let mut request = self.http.request(method, format!("{}/api/v1{path}", self.base));
+        let mut request = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -42,7 +44,10 @@ impl Client {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.with_context(|| format!("cannot reach {}", self.base))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         let status = response.status();
         let text = response.text().await?;
         if !status.is_success() {
@@ -83,7 +88,10 @@ impl Client {
 
     fn print(&self, value: &Value, table: impl FnOnce()) {
         match self.output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            ),
             Output::Table => table(),
         }
     }
@@ -108,7 +116,9 @@ impl Client {
             .with_context(|| format!("cannot reach {}", self.base))?;
         if response.status() != StatusCode::OK {
             let text = response.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error.message).unwrap_or(text);
+            let message = serde_json::from_str::<ErrorBody>(&text)
+                .map(|b| b.error.message)
+                .unwrap_or(text);
             bail!("{message}");
         }
         let progress = std::io::stderr().is_terminal() && self.output == Output::Table;
@@ -180,14 +190,22 @@ impl Client {
 
 fn progress_line(op: &Operation) -> String {
     let planned: Vec<_> = op.tasks.iter().filter(|t| !t.rollback).collect();
-    let done = planned.iter().filter(|t| matches!(t.status.as_str(), "succeeded" | "skipped")).count();
+    let done = planned
+        .iter()
+        .filter(|t| matches!(t.status.as_str(), "succeeded" | "skipped"))
+        .count();
     let current = op
         .tasks
         .iter()
         .find(|t| t.status == "running")
         .map(|t| t.name.as_str())
         .unwrap_or("");
-    format!("[{done}/{}] {} {} {current}", planned.len(), op.kind, op.status)
+    format!(
+        "[{done}/{}] {} {} {current}",
+        planned.len(),
+        op.kind,
+        op.status
+    )
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
@@ -198,7 +216,11 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_uppercase()).collect());
@@ -221,7 +243,10 @@ fn show_fields(value: &Value) {
 }
 
 fn operation_table(op: &Operation) {
-    println!("{} {} on {} {}: {} (attempt {})", op.id, op.kind, op.subject.subject_type, op.subject.id, op.status, op.attempt);
+    println!(
+        "{} {} on {} {}: {} (attempt {})",
+        op.id, op.kind, op.subject.subject_type, op.subject.id, op.status, op.attempt
+    );
     if let Some(error) = &op.error {
         println!("error: {error}");
     }
@@ -231,7 +256,11 @@ fn operation_table(op: &Operation) {
             .iter()
             .map(|t| {
                 vec![
-                    if t.rollback { format!("{} (rollback)", t.name) } else { t.name.clone() },
+                    if t.rollback {
+                        format!("{} (rollback)", t.name)
+                    } else {
+                        t.name.clone()
+                    },
                     t.status.clone(),
                     t.attempts.to_string(),
                     t.started_at.clone().unwrap_or_default(),
@@ -245,7 +274,15 @@ fn operation_table(op: &Operation) {
 pub async fn target(args: ClientArgs, command: TargetCommand) -> Result<i32> {
     let client = Client::new(args);
     match command {
-        TargetCommand::Add { name, host, root, http_port, https_port, web_user, host_key } => {
+        TargetCommand::Add {
+            name,
+            host,
+            root,
+            http_port,
+            https_port,
+            web_user,
+            host_key,
+        } => {
             let body = json!({ "name": name, "kind": "server", "host": host, "root": root,
                 "http_port": http_port, "https_port": https_port, "web_user": web_user, "host_key": host_key });
             let body = strip_nulls(body);
@@ -258,23 +295,32 @@ pub async fn target(args: ClientArgs, command: TargetCommand) -> Result<i32> {
             client.print(&value, || {
                 table(
                     &["id", "name", "status", "host", "root"],
-                    list.items.into_iter().map(|t| vec![t.id, t.name, t.status, t.host, t.root]).collect(),
+                    list.items
+                        .into_iter()
+                        .map(|t| vec![t.id, t.name, t.status, t.host, t.root])
+                        .collect(),
                 )
             });
         }
         TargetCommand::Show { target } => {
             let id = client.resolve("targets", "tgt_", &target).await?;
-            let value = client.send(Method::GET, &format!("/targets/{id}"), None).await?;
+            let value = client
+                .send(Method::GET, &format!("/targets/{id}"), None)
+                .await?;
             client.print(&value, || show_fields(&value));
         }
         TargetCommand::Verify { target, follow } => {
             let id = client.resolve("targets", "tgt_", &target).await?;
-            let value = client.send(Method::POST, &format!("/targets/{id}/verify"), None).await?;
+            let value = client
+                .send(Method::POST, &format!("/targets/{id}/verify"), None)
+                .await?;
             return client.started(value, follow.follow).await;
         }
         TargetCommand::Rm { target, follow } => {
             let id = client.resolve("targets", "tgt_", &target).await?;
-            let value = client.send(Method::DELETE, &format!("/targets/{id}"), None).await?;
+            let value = client
+                .send(Method::DELETE, &format!("/targets/{id}"), None)
+                .await?;
             return client.started(value, follow.follow).await;
         }
     }
@@ -291,29 +337,42 @@ fn strip_nulls(mut value: Value) -> Value {
 pub async fn project(args: ClientArgs, command: ProjectCommand) -> Result<i32> {
     let client = Client::new(args);
     match command {
-        ProjectCommand::Add { name, git_url, branch } => {
+        ProjectCommand::Add {
+            name,
+            git_url,
+            branch,
+        } => {
             let body = strip_nulls(json!({ "name": name, "git_url": git_url, "branch": branch }));
             let value = client.send(Method::POST, "/projects", Some(body)).await?;
             let p: Project = serde_json::from_value(value.clone())?;
-            client.print(&value, || println!("{} {} {} ({})", p.id, p.name, p.git_url, p.branch));
+            client.print(&value, || {
+                println!("{} {} {} ({})", p.id, p.name, p.git_url, p.branch)
+            });
         }
         ProjectCommand::List => {
             let (list, value): (List<Project>, _) = client.get("/projects?limit=500").await?;
             client.print(&value, || {
                 table(
                     &["id", "name", "status", "branch", "git url"],
-                    list.items.into_iter().map(|p| vec![p.id, p.name, p.status, p.branch, p.git_url]).collect(),
+                    list.items
+                        .into_iter()
+                        .map(|p| vec![p.id, p.name, p.status, p.branch, p.git_url])
+                        .collect(),
                 )
             });
         }
         ProjectCommand::Show { project } => {
             let id = client.resolve("projects", "prj_", &project).await?;
-            let value = client.send(Method::GET, &format!("/projects/{id}"), None).await?;
+            let value = client
+                .send(Method::GET, &format!("/projects/{id}"), None)
+                .await?;
             client.print(&value, || show_fields(&value));
         }
         ProjectCommand::Verify { project, follow } => {
             let id = client.resolve("projects", "prj_", &project).await?;
-            let value = client.send(Method::POST, &format!("/projects/{id}/verify"), None).await?;
+            let value = client
+                .send(Method::POST, &format!("/projects/{id}/verify"), None)
+                .await?;
             return client.started(value, follow.follow).await;
         }
     }
@@ -323,14 +382,27 @@ pub async fn project(args: ClientArgs, command: ProjectCommand) -> Result<i32> {
 pub async fn release(args: ClientArgs, command: ReleaseCommand) -> Result<i32> {
     let client = Client::new(args);
     match command {
-        ReleaseCommand::Build { project, git_ref, follow } => {
+        ReleaseCommand::Build {
+            project,
+            git_ref,
+            follow,
+        } => {
             let id = client.resolve("projects", "prj_", &project).await?;
-            let value = client.send(Method::POST, &format!("/projects/{id}/releases"), Some(json!({ "ref": git_ref }))).await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/projects/{id}/releases"),
+                    Some(json!({ "ref": git_ref })),
+                )
+                .await?;
             return client.started(value, follow.follow).await;
         }
         ReleaseCommand::List { project } => {
             let path = match project {
-                Some(p) => format!("/releases?limit=500&project={}", client.resolve("projects", "prj_", &p).await?),
+                Some(p) => format!(
+                    "/releases?limit=500&project={}",
+                    client.resolve("projects", "prj_", &p).await?
+                ),
                 None => "/releases?limit=500".into(),
             };
             let (list, value): (List<Release>, _) = client.get(&path).await?;
@@ -340,15 +412,27 @@ pub async fn release(args: ClientArgs, command: ReleaseCommand) -> Result<i32> {
                     list.items
                         .into_iter()
                         .map(|r| {
-                            let sha = r.artifact.map(|a| a.sha256[..12].to_string()).unwrap_or_default();
-                            vec![r.id, r.project, r.git_ref, r.commit[..12.min(r.commit.len())].to_string(), r.status, sha]
+                            let sha = r
+                                .artifact
+                                .map(|a| a.sha256[..12].to_string())
+                                .unwrap_or_default();
+                            vec![
+                                r.id,
+                                r.project,
+                                r.git_ref,
+                                r.commit[..12.min(r.commit.len())].to_string(),
+                                r.status,
+                                sha,
+                            ]
                         })
                         .collect(),
                 )
             });
         }
         ReleaseCommand::Show { release } => {
-            let value = client.send(Method::GET, &format!("/releases/{release}"), None).await?;
+            let value = client
+                .send(Method::GET, &format!("/releases/{release}"), None)
+                .await?;
             client.print(&value, || show_fields(&value));
         }
     }
@@ -358,7 +442,11 @@ pub async fn release(args: ClientArgs, command: ReleaseCommand) -> Result<i32> {
 pub async fn op(args: ClientArgs, command: OpCommand) -> Result<i32> {
     let client = Client::new(args);
     match command {
-        OpCommand::List { subject, status, limit } => {
+        OpCommand::List {
+            subject,
+            status,
+            limit,
+        } => {
             let mut path = format!("/operations?limit={limit}");
             if let Some(s) = subject {
                 path.push_str(&format!("&subject={s}"));
@@ -372,38 +460,77 @@ pub async fn op(args: ClientArgs, command: OpCommand) -> Result<i32> {
                     &["id", "kind", "subject", "status", "attempt", "created"],
                     list.items
                         .into_iter()
-                        .map(|o| vec![o.id, o.kind, o.subject.id, o.status, o.attempt.to_string(), o.created_at])
+                        .map(|o| {
+                            vec![
+                                o.id,
+                                o.kind,
+                                o.subject.id,
+                                o.status,
+                                o.attempt.to_string(),
+                                o.created_at,
+                            ]
+                        })
                         .collect(),
                 )
             });
         }
         OpCommand::Show { operation } => {
-            let (op, value): (Operation, _) = client.get(&format!("/operations/{operation}")).await?;
+            let (op, value): (Operation, _) =
+                client.get(&format!("/operations/{operation}")).await?;
             client.print(&value, || operation_table(&op));
         }
         OpCommand::Logs { operation, follow } => {
             if follow.follow {
                 return client.follow(&operation).await;
             }
-            let response = client.request(Method::GET, &format!("/operations/{operation}/log")).send().await?;
+            let response = client
+                .request(Method::GET, &format!("/operations/{operation}/log"))
+                .send()
+                .await?;
             let status = response.status();
             let text = response.text().await?;
             if !status.is_success() {
-                let message = serde_json::from_str::<ErrorBody>(&text).map(|b| b.error.message).unwrap_or(text);
+                let message = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|b| b.error.message)
+                    .unwrap_or(text);
                 bail!("{message}");
             }
             print!("{text}");
         }
-        OpCommand::Retry { operation, from_start, follow } => {
+        OpCommand::Retry {
+            operation,
+            from_start,
+            follow,
+        } => {
             let value = client
-                .send(Method::POST, &format!("/operations/{operation}/retry"), Some(json!({ "from_start": from_start })))
+                .send(
+                    Method::POST,
+                    &format!("/operations/{operation}/retry"),
+                    Some(json!({ "from_start": from_start })),
+                )
                 .await?;
             return client.started(value, follow.follow).await;
         }
         OpCommand::Cancel { operation } => {
-            let value = client.send(Method::POST, &format!("/operations/{operation}/cancel"), None).await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/operations/{operation}/cancel"),
+                    None,
+                )
+                .await?;
             let op: Operation = serde_json::from_value(value.clone())?;
-            client.print(&value, || println!("{} {}", op.id, if op.status == "cancelled" { "cancelled" } else { "cancel requested" }));
+            client.print(&value, || {
+                println!(
+                    "{} {}",
+                    op.id,
+                    if op.status == "cancelled" {
+                        "cancelled"
+                    } else {
+                        "cancel requested"
+                    }
+                )
+            });
         }
     }
     Ok(0)

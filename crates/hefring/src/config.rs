@@ -14,7 +14,11 @@ fn config_path(args: &[String]) -> (PathBuf, bool) {
         args.iter().enumerate().find_map(|(i, a)| {
             a.strip_prefix(&format!("--{name}="))
                 .map(str::to_string)
-                .or_else(|| (a == &format!("--{name}")).then(|| args.get(i + 1).cloned()).flatten())
+                .or_else(|| {
+                    (a == &format!("--{name}"))
+                        .then(|| args.get(i + 1).cloned())
+                        .flatten()
+                })
         })
     };
     if let Some(path) = flag("config").or_else(|| std::env::var("HEFRING_CONFIG").ok()) {
@@ -34,7 +38,8 @@ pub fn variables_from_file(args: &[String]) -> Result<Vec<(String, String)>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
     let mut vars = Vec::new();
     for (key, value) in table {
         let name = format!("HEFRING_{}", key.replace('-', "_").to_ascii_uppercase());
@@ -43,7 +48,11 @@ pub fn variables_from_file(args: &[String]) -> Result<Vec<(String, String)>> {
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
-            other => bail!("{}: {key} must be a string, number or boolean, not {}", path.display(), other.type_str()),
+            other => bail!(
+                "{}: {key} must be a string, number or boolean, not {}",
+                path.display(),
+                other.type_str()
+            ),
         };
         if std::env::var_os(&name).is_none() {
             vars.push((name, value));
@@ -61,15 +70,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hefring-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("h.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9999\"\ntask-timeout = 60\nworkers = 2\n").unwrap();
-        let args = vec!["hefring".into(), "serve".into(), format!("--config={}", file.display())];
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9999\"\ntask-timeout = 60\nworkers = 2\n",
+        )
+        .unwrap();
+        let args = vec![
+            "hefring".into(),
+            "serve".into(),
+            format!("--config={}", file.display()),
+        ];
         let mut vars = variables_from_file(&args).unwrap();
         vars.sort();
         assert!(vars.contains(&("HEFRING_LISTEN".into(), "127.0.0.1:9999".into())));
         assert!(vars.contains(&("HEFRING_TASK_TIMEOUT".into(), "60".into())));
         std::fs::write(&file, "listen = [1]").unwrap();
         assert!(variables_from_file(&args).is_err());
-        let missing = vec!["hefring".into(), "--config".into(), dir.join("nope.toml").display().to_string()];
+        let missing = vec![
+            "hefring".into(),
+            "--config".into(),
+            dir.join("nope.toml").display().to_string(),
+        ];
         assert!(variables_from_file(&missing).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }

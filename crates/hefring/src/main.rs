@@ -22,7 +22,8 @@ fn main() {
     let cli = Cli::parse_from(&args);
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HEFRING_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("HEFRING_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -30,9 +31,9 @@ fn main() {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::serve(args).await.map(|_| 0),
-            Command::Admin { command: AdminCommand::CreateToken { state, name } } => {
-                serve::create_token(state, name).await.map(|_| 0)
-            }
+            Command::Admin {
+                command: AdminCommand::CreateToken { state, name },
+            } => serve::create_token(state, name).await.map(|_| 0),
             Command::Target { client, command } => client::target(client, command).await,
             Command::Project { client, command } => client::project(client, command).await,
             Command::Release { client, command } => client::release(client, command).await,

@@ -16,8 +16,12 @@ use crate::cli::{ServeArgs, StateArgs};
 
 /// The data directory, created if needed, as an absolute path.
 fn data_dir(state: &StateArgs) -> Result<PathBuf> {
-    std::fs::create_dir_all(&state.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", state.data_dir.display()))?;
+    std::fs::create_dir_all(&state.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            state.data_dir.display()
+        )
+    })?;
     Ok(std::fs::canonicalize(&state.data_dir)?)
 }
 
@@ -30,7 +34,9 @@ pub async fn open_store(state: &StateArgs, data_dir: &Path) -> Result<Arc<dyn St
         ),
         None => format!("sqlite://{}", data_dir.join("hefring.db").display()),
     };
-    let store = SqliteStore::connect(&url).await.context("cannot open the state database")?;
+    let store = SqliteStore::connect(&url)
+        .await
+        .context("cannot open the state database")?;
     Ok(Arc::new(store))
 }
 
@@ -45,14 +51,25 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
     // SAFETY: flock on a file descriptor we own.
     let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
     if !locked {
-        bail!("another hefring serve is using the data directory {}", dir.display());
+        bail!(
+            "another hefring serve is using the data directory {}",
+            dir.display()
+        );
     }
     Ok(file)
 }
 
 /// Aegir3 registers its own host as a server; so does a fresh Hefring, once.
-async fn register_local_target(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>, data_dir: &Path) -> Result<()> {
-    if store.get_setting("local_target_registered").await?.is_some() {
+async fn register_local_target(
+    store: &Arc<dyn Store>,
+    queue: &Arc<dyn Queue>,
+    data_dir: &Path,
+) -> Result<()> {
+    if store
+        .get_setting("local_target_registered")
+        .await?
+        .is_some()
+    {
         return Ok(());
     }
     let now = now_ms();
@@ -63,7 +80,11 @@ async fn register_local_target(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>, d
         kind: "server".into(),
         status: "new".into(),
         host: "local".into(),
-        root: data_dir.join("targets").join(&id).to_string_lossy().into_owned(),
+        root: data_dir
+            .join("targets")
+            .join(&id)
+            .to_string_lossy()
+            .into_owned(),
         http_port: 80,
         https_port: 443,
         web_user: "www-data".into(),
@@ -88,7 +109,11 @@ async fn register_local_target(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>, d
         };
         let op = store.create_operation(&op, now).await?;
         let _ = queue
-            .publish(&Job { operation_id: op.id, kind: kind.as_str().into(), queue: op.queue })
+            .publish(&Job {
+                operation_id: op.id,
+                kind: kind.as_str().into(),
+                queue: op.queue,
+            })
             .await;
     }
     store.set_setting("local_target_registered", "1").await?;
@@ -101,7 +126,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let store = open_store(&args.state, &dir).await?;
     let reclaimed = store.expire_all_leases().await?;
     if reclaimed > 0 {
-        tracing::info!(count = reclaimed, "resuming operations left running by the previous process");
+        tracing::info!(
+            count = reclaimed,
+            "resuming operations left running by the previous process"
+        );
     }
     let queue: Arc<dyn Queue> = Arc::new(EmbeddedQueue::new());
     register_local_target(&store, &queue, &dir).await?;
@@ -110,23 +138,33 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     config.workers = args.workers;
     config.task_timeout = Duration::from_secs(args.task_timeout);
     config.lease = Duration::from_secs(args.lease_seconds);
-    let engine = Engine::new(store.clone(), queue.clone(), config).await.context("cannot start the workers")?;
+    let engine = Engine::new(store.clone(), queue.clone(), config)
+        .await
+        .context("cannot start the workers")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let workers = engine.start(stopped);
 
-    let state = hefring_api::AppState { store, queue, data_dir: dir.clone() };
+    let state = hefring_api::AppState {
+        store,
+        queue,
+        data_dir: dir.clone(),
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
-    println!("hefring listening on http://{address} (data in {})", dir.display());
+    println!(
+        "hefring listening on http://{address} (data in {})",
+        dir.display()
+    );
     hefring_api::serve(listener, state, async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    })
     .await?;
     let _ = stop.send(true);
     // Running operations keep their leases; the next start resumes them.

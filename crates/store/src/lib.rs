@@ -7,6 +7,8 @@
 
 mod records;
 mod sqlite;
+#[cfg(test)]
+mod story;
 
 pub use records::*;
 pub use sqlite::SqliteStore;
@@ -103,8 +105,13 @@ pub trait Store: Send + Sync + 'static {
     // Releases
     async fn insert_release(&self, release: &ReleaseRecord) -> Result<()>;
     async fn get_release(&self, id: &str) -> Result<Option<ReleaseRecord>>;
-    async fn release_by_commit(&self, project: &str, commit: &str) -> Result<Option<ReleaseRecord>>;
-    async fn list_releases(&self, project: Option<&str>, page: &Page) -> Result<Listed<ReleaseRecord>>;
+    async fn release_by_commit(&self, project: &str, commit: &str)
+        -> Result<Option<ReleaseRecord>>;
+    async fn list_releases(
+        &self,
+        project: Option<&str>,
+        page: &Page,
+    ) -> Result<Listed<ReleaseRecord>>;
     async fn update_release(&self, release: &ReleaseRecord) -> Result<()>;
 
     // Environments (the read side other entities need)
@@ -159,7 +166,12 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels a queued operation at once; asks the worker of a running one to stop.
     async fn request_cancel(&self, id: &str, now: i64) -> Result<OperationRecord>;
     /// A new attempt of a failed or cancelled operation.
-    async fn retry_operation(&self, id: &str, from_start: bool, now: i64) -> Result<OperationRecord>;
+    async fn retry_operation(
+        &self,
+        id: &str,
+        from_start: bool,
+        now: i64,
+    ) -> Result<OperationRecord>;
     async fn append_logs(&self, id: &str, lines: &[NewLogLine]) -> Result<()>;
     async fn read_logs(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<LogLine>>;
 

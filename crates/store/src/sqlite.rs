@@ -211,7 +211,8 @@ async fn check_lease(conn: &mut SqliteConnection, id: &str, owner: &str) -> Resu
     .bind(owner)
     .fetch_optional(&mut *conn)
     .await?;
-    held.map(|_| ()).ok_or_else(|| StoreError::LeaseLost(id.into()))
+    held.map(|_| ())
+        .ok_or_else(|| StoreError::LeaseLost(id.into()))
 }
 
 async fn end_operation(
@@ -253,7 +254,11 @@ async fn end_operation(
 
 fn push_page<'a>(qb: &mut QueryBuilder<'a, Sqlite>, page: &'a Page, has_where: bool) {
     if let Some(cursor) = &page.cursor {
-        qb.push(if has_where { " AND id < " } else { " WHERE id < " });
+        qb.push(if has_where {
+            " AND id < "
+        } else {
+            " WHERE id < "
+        });
         qb.push_bind(cursor.as_str());
     }
     qb.push(" ORDER BY id DESC LIMIT ");
@@ -321,7 +326,10 @@ impl Store for SqliteStore {
         let mut qb = QueryBuilder::new("SELECT * FROM targets");
         push_page(&mut qb, page, false);
         let rows = qb.build().fetch_all(&self.read).await?;
-        let items = rows.iter().map(target_from_row).collect::<Result<Vec<_>>>()?;
+        let items = rows
+            .iter()
+            .map(target_from_row)
+            .collect::<Result<Vec<_>>>()?;
         Ok(paged(items, page, |t| &t.id))
     }
 
@@ -383,7 +391,10 @@ impl Store for SqliteStore {
         let mut qb = QueryBuilder::new("SELECT * FROM projects");
         push_page(&mut qb, page, false);
         let rows = qb.build().fetch_all(&self.read).await?;
-        let items = rows.iter().map(project_from_row).collect::<Result<Vec<_>>>()?;
+        let items = rows
+            .iter()
+            .map(project_from_row)
+            .collect::<Result<Vec<_>>>()?;
         Ok(paged(items, page, |p| &p.id))
     }
 
@@ -434,7 +445,11 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn release_by_commit(&self, project: &str, commit: &str) -> Result<Option<ReleaseRecord>> {
+    async fn release_by_commit(
+        &self,
+        project: &str,
+        commit: &str,
+    ) -> Result<Option<ReleaseRecord>> {
         sqlx::query("SELECT * FROM releases WHERE project_id = ? AND commit_sha = ?")
             .bind(project)
             .bind(commit)
@@ -445,14 +460,21 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn list_releases(&self, project: Option<&str>, page: &Page) -> Result<Listed<ReleaseRecord>> {
+    async fn list_releases(
+        &self,
+        project: Option<&str>,
+        page: &Page,
+    ) -> Result<Listed<ReleaseRecord>> {
         let mut qb = QueryBuilder::new("SELECT * FROM releases");
         if let Some(project) = project {
             qb.push(" WHERE project_id = ").push_bind(project);
         }
         push_page(&mut qb, page, project.is_some());
         let rows = qb.build().fetch_all(&self.read).await?;
-        let items = rows.iter().map(release_from_row).collect::<Result<Vec<_>>>()?;
+        let items = rows
+            .iter()
+            .map(release_from_row)
+            .collect::<Result<Vec<_>>>()?;
         Ok(paged(items, page, |r| &r.id))
     }
 
@@ -554,10 +576,7 @@ impl Store for SqliteStore {
         }
         push_page(&mut qb, page, true);
         let mut conn = self.read.acquire().await?;
-        let ids: Vec<String> = qb
-            .build_query_scalar()
-            .fetch_all(&mut *conn)
-            .await?;
+        let ids: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await?;
         let mut items = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(record) = load_operation(&mut conn, &id).await? {
@@ -571,7 +590,8 @@ impl Store for SqliteStore {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let narrow = |qb: &mut QueryBuilder<'_, Sqlite>, alias: &str| {
             if let Some(only) = claim.only {
-                qb.push(format!(" AND {alias}.id = ")).push_bind(only.to_string());
+                qb.push(format!(" AND {alias}.id = "))
+                    .push_bind(only.to_string());
             }
             if !claim.queues.is_empty() {
                 qb.push(format!(" AND {alias}.queue IN ("));
@@ -597,7 +617,8 @@ impl Store for SqliteStore {
         let mut claimed: Option<String> = qb.build_query_scalar().fetch_optional(&mut *tx).await?;
 
         if claimed.is_none() {
-            let mut qb = QueryBuilder::new("UPDATE operations SET status = 'running', lease_owner = ");
+            let mut qb =
+                QueryBuilder::new("UPDATE operations SET status = 'running', lease_owner = ");
             qb.push_bind(claim.owner)
                 .push(", lease_expires_at = ")
                 .push_bind(claim.lease_until)
@@ -645,11 +666,10 @@ impl Store for SqliteStore {
     }
 
     async fn expire_all_leases(&self) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE operations SET lease_expires_at = 0 WHERE status = 'running'",
-        )
-        .execute(&self.write)
-        .await?;
+        let done =
+            sqlx::query("UPDATE operations SET lease_expires_at = 0 WHERE status = 'running'")
+                .execute(&self.write)
+                .await?;
         Ok(done.rows_affected())
     }
 
@@ -684,7 +704,11 @@ impl Store for SqliteStore {
     ) -> Result<()> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         check_lease(&mut tx, id, owner).await?;
-        let started = if outcome.status == TaskStatus::Skipped { "NULL" } else { "started_at" };
+        let started = if outcome.status == TaskStatus::Skipped {
+            "NULL"
+        } else {
+            "started_at"
+        };
         sqlx::query(&format!(
             "UPDATE tasks SET status = ?, finished_at = ?, started_at = {started}
              WHERE operation_id = ? AND position = ?"
@@ -696,12 +720,14 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         if let Some(patch) = &outcome.state_patch {
-            sqlx::query("UPDATE operations SET state = json_patch(state, ?), updated_at = ? WHERE id = ?")
-                .bind(patch.to_string())
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE operations SET state = json_patch(state, ?), updated_at = ? WHERE id = ?",
+            )
+            .bind(patch.to_string())
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
         if let Some(finish) = finish {
             end_operation(&mut tx, id, owner, finish, now).await?;
@@ -791,7 +817,12 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
-    async fn retry_operation(&self, id: &str, from_start: bool, now: i64) -> Result<OperationRecord> {
+    async fn retry_operation(
+        &self,
+        id: &str,
+        from_start: bool,
+        now: i64,
+    ) -> Result<OperationRecord> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let current = must_load(&mut tx, id).await?;
         op::transition(current.status, OperationEvent::Retry)
@@ -802,7 +833,10 @@ impl Store for SqliteStore {
             .await?;
         let planned: Vec<&TaskRecord> = current.tasks.iter().filter(|t| !t.rollback).collect();
         let statuses: Vec<TaskStatus> = planned.iter().map(|t| t.status).collect();
-        for (task, status) in planned.iter().zip(op::statuses_for_retry(&statuses, from_start)) {
+        for (task, status) in planned
+            .iter()
+            .zip(op::statuses_for_retry(&statuses, from_start))
+        {
             if status != task.status {
                 sqlx::query(
                     "UPDATE tasks SET status = ?, started_at = NULL, finished_at = NULL
@@ -829,10 +863,11 @@ impl Store for SqliteStore {
         .await;
         if let Err(e) = requeued {
             if unique_violation(&e).is_some() {
-                let key: String = sqlx::query_scalar("SELECT dedupe_key FROM operations WHERE id = ?")
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let key: String =
+                    sqlx::query_scalar("SELECT dedupe_key FROM operations WHERE id = ?")
+                        .bind(id)
+                        .fetch_one(&mut *tx)
+                        .await?;
                 return Err(active_duplicate(&mut tx, &key).await?);
             }
             return Err(e.into());
@@ -886,10 +921,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_setting(&self, key: &str) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.read)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.read)
+                .await?,
+        )
     }
 
     async fn set_setting(&self, key: &str, value: &str) -> Result<()> {

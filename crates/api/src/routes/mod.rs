@@ -98,5 +98,8 @@ pub fn page(query: &PageQuery) -> ApiResult<Page> {
     if limit == 0 || limit > 500 {
         return Err(ApiError::invalid("limit", "must be between 1 and 500"));
     }
-    Ok(Page { limit, cursor: query.cursor.clone() })
+    Ok(Page {
+        limit,
+        cursor: query.cursor.clone(),
+    })
 }

@@ -36,29 +36,58 @@ pub struct OperationQuery {
 /// List operations, newest first.
 #[utoipa::path(get, path = "/api/v1/operations", tag = "operations", params(OperationQuery),
     responses((status = 200, body = List<Operation>), (status = 422, body = ErrorBody)))]
-pub async fn list(State(state): State<AppState>, Query(query): Query<OperationQuery>) -> ApiResult<Json<List<Operation>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<OperationQuery>,
+) -> ApiResult<Json<List<Operation>>> {
     let status = match &query.status {
         Some(s) => Some(OperationStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid("status", "must be one of queued, running, succeeded, failed, cancelled")
+            ApiError::invalid(
+                "status",
+                "must be one of queued, running, succeeded, failed, cancelled",
+            )
         })?),
         None => None,
     };
-    let filter = OperationFilter { subject: query.subject.clone(), status, parent: query.parent.clone() };
-    let page = page(&PageQuery { limit: query.limit, cursor: query.cursor.clone() })?;
+    let filter = OperationFilter {
+        subject: query.subject.clone(),
+        status,
+        parent: query.parent.clone(),
+    };
+    let page = page(&PageQuery {
+        limit: query.limit,
+        cursor: query.cursor.clone(),
+    })?;
     let listed = state.store.list_operations(&filter, &page).await?;
-    Ok(Json(List { items: listed.items.into_iter().map(convert::operation).collect(), next: listed.next }))
+    Ok(Json(List {
+        items: listed.items.into_iter().map(convert::operation).collect(),
+        next: listed.next,
+    }))
 }
 
 /// One operation with its tasks.
 #[utoipa::path(get, path = "/api/v1/operations/{id}", tag = "operations", params(("id" = String, Path)),
     responses((status = 200, body = Operation), (status = 404, body = ErrorBody)))]
-pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Operation>> {
-    let op = state.store.get_operation(&id).await?.ok_or(ApiError::NotFound)?;
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Operation>> {
+    let op = state
+        .store
+        .get_operation(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok(Json(convert::operation(op)))
 }
 
 fn render_line(line: &LogLine) -> String {
-    format!("{} {} {} {}", timestamp(line.at), line.task, line.stream, line.text)
+    format!(
+        "{} {} {} {}",
+        timestamp(line.at),
+        line.task,
+        line.stream,
+        line.text
+    )
 }
 
 /// The log: plain text lines `TIMESTAMP TASK STREAM TEXT`. With `Accept: text/event-stream`
@@ -66,8 +95,16 @@ fn render_line(line: &LogLine) -> String {
 /// changes, and ends with an `end` event once the operation has ended.
 #[utoipa::path(get, path = "/api/v1/operations/{id}/log", tag = "operations", params(("id" = String, Path)),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
-pub async fn log(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
-    state.store.get_operation(&id).await?.ok_or(ApiError::NotFound)?;
+pub async fn log(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    state
+        .store
+        .get_operation(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let wants_events = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -79,7 +116,9 @@ pub async fn log(State(state): State<AppState>, Path(id): Path<String>, headers:
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let stream = follow(state, id, after);
-        return Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response());
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response());
     }
     let mut text = String::new();
     let mut after = 0;
@@ -95,14 +134,23 @@ pub async fn log(State(state): State<AppState>, Path(id): Path<String>, headers:
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
 
-fn follow(state: AppState, id: String, mut after: i64) -> impl Stream<Item = Result<Event, Infallible>> {
+fn follow(
+    state: AppState,
+    id: String,
+    mut after: i64,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream(move |tx| async move {
         let mut last_seen: Option<(String, i64)> = None;
         loop {
-            let Ok(lines) = state.store.read_logs(&id, after, 1000).await else { return };
+            let Ok(lines) = state.store.read_logs(&id, after, 1000).await else {
+                return;
+            };
             for line in &lines {
                 after = line.seq;
-                let event = Event::default().event("log").id(line.seq.to_string()).data(render_line(line));
+                let event = Event::default()
+                    .event("log")
+                    .id(line.seq.to_string())
+                    .data(render_line(line));
                 if tx.send(event).await.is_err() {
                     return;
                 }
@@ -110,27 +158,40 @@ fn follow(state: AppState, id: String, mut after: i64) -> impl Stream<Item = Res
             if lines.len() == 1000 {
                 continue;
             }
-            let Ok(Some(op)) = state.store.get_operation(&id).await else { return };
+            let Ok(Some(op)) = state.store.get_operation(&id).await else {
+                return;
+            };
             let fingerprint = (op.status.as_str().to_string(), op.updated_at);
             let terminal = op.status.is_terminal();
             let status = op.status;
             if last_seen.as_ref() != Some(&fingerprint) {
                 last_seen = Some(fingerprint);
                 let body = serde_json::to_string(&convert::operation(op)).unwrap_or_default();
-                if tx.send(Event::default().event("status").data(body)).await.is_err() {
+                if tx
+                    .send(Event::default().event("status").data(body))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
             if terminal {
                 // Lines written just before the end are already committed: read them first.
-                let Ok(rest) = state.store.read_logs(&id, after, 100_000).await else { return };
+                let Ok(rest) = state.store.read_logs(&id, after, 100_000).await else {
+                    return;
+                };
                 for line in &rest {
-                    let event = Event::default().event("log").id(line.seq.to_string()).data(render_line(line));
+                    let event = Event::default()
+                        .event("log")
+                        .id(line.seq.to_string())
+                        .data(render_line(line));
                     if tx.send(event).await.is_err() {
                         return;
                     }
                 }
-                let _ = tx.send(Event::default().event("end").data(status.as_str())).await;
+                let _ = tx
+                    .send(Event::default().event("end").data(status.as_str()))
+                    .await;
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -169,7 +230,10 @@ pub async fn retry(
     Path(id): Path<String>,
     Body(body): Body<RetryOperation>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let op = state.store.retry_operation(&id, body.from_start, now_ms()).await?;
+    let op = state
+        .store
+        .retry_operation(&id, body.from_start, now_ms())
+        .await?;
     announce(&state, &op).await;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
@@ -178,7 +242,10 @@ pub async fn retry(
 /// rollback steps run, and ends `cancelled`.
 #[utoipa::path(post, path = "/api/v1/operations/{id}/cancel", tag = "operations", params(("id" = String, Path)),
     responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<Operation>)> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
     let op = state.store.request_cancel(&id, now_ms()).await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }

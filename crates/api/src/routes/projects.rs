@@ -18,9 +18,15 @@ use crate::AppState;
 /// List projects, newest first.
 #[utoipa::path(get, path = "/api/v1/projects", tag = "projects", params(PageQuery),
     responses((status = 200, body = List<Project>), (status = 401, body = ErrorBody)))]
-pub async fn list(State(state): State<AppState>, Query(query): Query<PageQuery>) -> ApiResult<Json<List<Project>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<PageQuery>,
+) -> ApiResult<Json<List<Project>>> {
     let listed = state.store.list_projects(&page(&query)?).await?;
-    Ok(Json(List { items: listed.items.into_iter().map(convert::project).collect(), next: listed.next }))
+    Ok(Json(List {
+        items: listed.items.into_iter().map(convert::project).collect(),
+        next: listed.next,
+    }))
 }
 
 /// Add a project from a git URL or an absolute local path.
@@ -52,8 +58,15 @@ pub async fn create(
 /// One project, with the manifest its last verify read.
 #[utoipa::path(get, path = "/api/v1/projects/{id}", tag = "projects", params(("id" = String, Path)),
     responses((status = 200, body = Project), (status = 404, body = ErrorBody)))]
-pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Project>> {
-    let project = state.store.get_project(&id).await?.ok_or(ApiError::NotFound)?;
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Project>> {
+    let project = state
+        .store
+        .get_project(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok(Json(convert::project(project)))
 }
 
@@ -65,7 +78,18 @@ pub async fn verify(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    state.store.get_project(&id).await?.ok_or(ApiError::NotFound)?;
-    let op = submit(&state, OperationKind::ProjectVerify, &id, json!({}), &caller.0).await?;
+    state
+        .store
+        .get_project(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let op = submit(
+        &state,
+        OperationKind::ProjectVerify,
+        &id,
+        json!({}),
+        &caller.0,
+    )
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }

@@ -27,18 +27,37 @@ pub async fn build(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<BuildRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let project = state.store.get_project(&id).await?.ok_or(ApiError::NotFound)?;
+    let project = state
+        .store
+        .get_project(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     validate::git_ref("ref", &body.git_ref)?;
     if validate::is_full_commit(&body.git_ref) {
-        if let Some(existing) = state.store.release_by_commit(&project.id, &body.git_ref).await? {
+        if let Some(existing) = state
+            .store
+            .release_by_commit(&project.id, &body.git_ref)
+            .await?
+        {
             if existing.status == "ready" {
-                if let Some(op) = state.store.get_operation(&existing.build_operation_id).await? {
+                if let Some(op) = state
+                    .store
+                    .get_operation(&existing.build_operation_id)
+                    .await?
+                {
                     return Ok((StatusCode::ACCEPTED, Json(convert::operation(op))));
                 }
             }
         }
     }
-    let op = submit(&state, OperationKind::ReleaseBuild, &project.id, json!({ "ref": body.git_ref }), &caller.0).await?;
+    let op = submit(
+        &state,
+        OperationKind::ReleaseBuild,
+        &project.id,
+        json!({ "ref": body.git_ref }),
+        &caller.0,
+    )
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
 
@@ -54,22 +73,41 @@ pub struct ReleaseQuery {
 /// List releases, newest first.
 #[utoipa::path(get, path = "/api/v1/releases", tag = "releases", params(ReleaseQuery),
     responses((status = 200, body = List<Release>), (status = 401, body = ErrorBody)))]
-pub async fn list(State(state): State<AppState>, Query(query): Query<ReleaseQuery>) -> ApiResult<Json<List<Release>>> {
-    let page = page(&PageQuery { limit: query.limit, cursor: query.cursor.clone() })?;
-    let listed = state.store.list_releases(query.project.as_deref(), &page).await?;
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<ReleaseQuery>,
+) -> ApiResult<Json<List<Release>>> {
+    let page = page(&PageQuery {
+        limit: query.limit,
+        cursor: query.cursor.clone(),
+    })?;
+    let listed = state
+        .store
+        .list_releases(query.project.as_deref(), &page)
+        .await?;
     let mut items = Vec::with_capacity(listed.items.len());
     for release in listed.items {
         let environments = state.store.environments_running(&release.id).await?;
         items.push(convert::release(release, environments));
     }
-    Ok(Json(List { items, next: listed.next }))
+    Ok(Json(List {
+        items,
+        next: listed.next,
+    }))
 }
 
 /// One release: its exact commit, artifact checksum and size, and who runs it.
 #[utoipa::path(get, path = "/api/v1/releases/{id}", tag = "releases", params(("id" = String, Path)),
     responses((status = 200, body = Release), (status = 404, body = ErrorBody)))]
-pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Release>> {
-    let release = state.store.get_release(&id).await?.ok_or(ApiError::NotFound)?;
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Release>> {
+    let release = state
+        .store
+        .get_release(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let environments = state.store.environments_running(&release.id).await?;
     Ok(Json(convert::release(release, environments)))
 }

@@ -19,9 +19,15 @@ use crate::AppState;
 /// List targets, newest first.
 #[utoipa::path(get, path = "/api/v1/targets", tag = "targets", params(PageQuery),
     responses((status = 200, body = List<Target>), (status = 401, body = ErrorBody)))]
-pub async fn list(State(state): State<AppState>, Query(query): Query<PageQuery>) -> ApiResult<Json<List<Target>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<PageQuery>,
+) -> ApiResult<Json<List<Target>>> {
     let listed = state.store.list_targets(&page(&query)?).await?;
-    Ok(Json(List { items: listed.items.into_iter().map(convert::target).collect(), next: listed.next }))
+    Ok(Json(List {
+        items: listed.items.into_iter().map(convert::target).collect(),
+        next: listed.next,
+    }))
 }
 
 fn check_root(root: &str) -> Result<(), ApiError> {
@@ -29,7 +35,8 @@ fn check_root(root: &str) -> Result<(), ApiError> {
         && root.len() <= 1024
         && !root.chars().any(|c| c.is_control())
         && root.split('/').all(|s| s != ".." && s != ".");
-    ok.then_some(()).ok_or_else(|| ApiError::invalid("root", "must be an absolute path without '..'"))
+    ok.then_some(())
+        .ok_or_else(|| ApiError::invalid("root", "must be an absolute path without '..'"))
 }
 
 fn check_web_user(user: &str) -> Result<(), ApiError> {
@@ -37,16 +44,27 @@ fn check_web_user(user: &str) -> Result<(), ApiError> {
     let ok = !b.is_empty()
         && b.len() <= 32
         && (b[0].is_ascii_lowercase() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-'));
-    ok.then_some(()).ok_or_else(|| ApiError::invalid("web_user", "must be a user name: lower-case letters, digits, '_' and '-'"))
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'-'));
+    ok.then_some(()).ok_or_else(|| {
+        ApiError::invalid(
+            "web_user",
+            "must be a user name: lower-case letters, digits, '_' and '-'",
+        )
+    })
 }
 
 fn check_host_key(key: &str) -> Result<(), ApiError> {
     let parts: Vec<&str> = key.split(' ').collect();
     let ok = parts.len() == 2
-        && parts[0].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'@' || b == b'.')
-        && parts[1].bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
-    ok.then_some(()).ok_or_else(|| ApiError::invalid("host_key", "must be 'TYPE BASE64', as in known_hosts"))
+        && parts[0]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'@' || b == b'.')
+        && parts[1]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+    ok.then_some(())
+        .ok_or_else(|| ApiError::invalid("host_key", "must be 'TYPE BASE64', as in known_hosts"))
 }
 
 /// Register a target. Verify it next.
@@ -58,13 +76,19 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<Target>)> {
     validate::name("name", &body.name)?;
     if body.kind != "server" {
-        return Err(ApiError::invalid("kind", "only 'server' targets are supported by this version"));
+        return Err(ApiError::invalid(
+            "kind",
+            "only 'server' targets are supported by this version",
+        ));
     }
     let host = Host::parse("host", &body.host)?;
     if let Some(root) = &body.root {
         check_root(root)?;
     }
-    for (field, port) in [("http_port", body.http_port), ("https_port", body.https_port)] {
+    for (field, port) in [
+        ("http_port", body.http_port),
+        ("https_port", body.https_port),
+    ] {
         if port == Some(0) {
             return Err(ApiError::invalid(field, "must be between 1 and 65535"));
         }
@@ -78,7 +102,12 @@ pub async fn create(
     let now = now_ms();
     let id = new_id(IdKind::Target, now);
     let root = body.root.unwrap_or_else(|| match host {
-        Host::Local => state.data_dir.join("targets").join(&id).to_string_lossy().into_owned(),
+        Host::Local => state
+            .data_dir
+            .join("targets")
+            .join(&id)
+            .to_string_lossy()
+            .into_owned(),
         Host::Ssh { .. } => "/var/lib/hefring".into(),
     });
     let record = TargetRecord {
@@ -103,8 +132,15 @@ pub async fn create(
 /// One target, with what its last verify found.
 #[utoipa::path(get, path = "/api/v1/targets/{id}", tag = "targets", params(("id" = String, Path)),
     responses((status = 200, body = Target), (status = 404, body = ErrorBody)))]
-pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Target>> {
-    let target = state.store.get_target(&id).await?.ok_or(ApiError::NotFound)?;
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Target>> {
+    let target = state
+        .store
+        .get_target(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok(Json(convert::target(target)))
 }
 
@@ -116,8 +152,19 @@ pub async fn verify(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    state.store.get_target(&id).await?.ok_or(ApiError::NotFound)?;
-    let op = submit(&state, OperationKind::TargetVerify, &id, json!({}), &caller.0).await?;
+    state
+        .store
+        .get_target(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let op = submit(
+        &state,
+        OperationKind::TargetVerify,
+        &id,
+        json!({}),
+        &caller.0,
+    )
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
 
@@ -129,11 +176,25 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    state.store.get_target(&id).await?.ok_or(ApiError::NotFound)?;
+    state
+        .store
+        .get_target(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let environments = state.store.environments_on_target(&id).await?;
     if !environments.is_empty() {
-        return Err(ApiError::conflict(format!("the target still runs environments: {}", environments.join(", "))));
+        return Err(ApiError::conflict(format!(
+            "the target still runs environments: {}",
+            environments.join(", ")
+        )));
     }
-    let op = submit(&state, OperationKind::TargetDelete, &id, json!({}), &caller.0).await?;
+    let op = submit(
+        &state,
+        OperationKind::TargetDelete,
+        &id,
+        json!({}),
+        &caller.0,
+    )
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use hefring_backend_server::CommandSpec;
 
-use crate::run::{self, require_success, run_captured, run_logged, Context, TaskError};
 use crate::log::OperationLog;
+use crate::run::{self, require_success, run_captured, run_logged, Context, TaskError};
 
 pub fn git(ctx: &Context, args: &[&str]) -> CommandSpec {
     let known_hosts = ctx.data_dir.join("ssh").join("known_hosts.git");
@@ -16,7 +16,13 @@ pub fn git(ctx: &Context, args: &[&str]) -> CommandSpec {
         hefring_backend_server::ssh::shell_quote(&ctx.ssh_key.private_key.to_string_lossy()),
         hefring_backend_server::ssh::shell_quote(&known_hosts.to_string_lossy()),
     );
-    let mut argv = vec!["git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never"];
+    let mut argv = vec![
+        "git",
+        "-c",
+        "protocol.ext.allow=never",
+        "-c",
+        "protocol.fd.allow=never",
+    ];
     argv.extend_from_slice(args);
     CommandSpec::new(argv)
         .env("GIT_TERMINAL_PROMPT", "0")
@@ -40,11 +46,20 @@ pub async fn update_mirror(
     let mirror_str = mirror.to_string_lossy().to_string();
     if mirror.join("HEAD").exists() {
         log.info(format!("fetching {git_url}"));
-        let spec = git(ctx, &["--git-dir", &mirror_str, "fetch", "--prune", "--quiet", "origin"]);
+        let spec = git(
+            ctx,
+            &[
+                "--git-dir",
+                &mirror_str,
+                "fetch",
+                "--prune",
+                "--quiet",
+                "origin",
+            ],
+        );
         let code = run_logged(&exec, &spec, log).await?;
-        return require_success(code, "git fetch").map_err(|e| {
-            TaskError(format!("cannot fetch the repository {git_url}: {e}"))
-        });
+        return require_success(code, "git fetch")
+            .map_err(|e| TaskError(format!("cannot fetch the repository {git_url}: {e}")));
     }
     log.info(format!("cloning {git_url}"));
     if let Some(parent) = mirror.parent() {
@@ -54,7 +69,10 @@ pub async fn update_mirror(
     let partial = mirror.with_extension("partial");
     let _ = tokio::fs::remove_dir_all(&partial).await;
     let partial_str = partial.to_string_lossy().to_string();
-    let spec = git(ctx, &["clone", "--mirror", "--quiet", "--", git_url, &partial_str]);
+    let spec = git(
+        ctx,
+        &["clone", "--mirror", "--quiet", "--", git_url, &partial_str],
+    );
     let code = run_logged(&exec, &spec, log).await?;
     require_success(code, "git clone")
         .map_err(|e| TaskError(format!("cannot reach the repository {git_url}: {e}")))?;
@@ -71,7 +89,17 @@ pub async fn resolve(
 ) -> Result<Option<String>, TaskError> {
     let mirror_str = mirror.to_string_lossy().to_string();
     let rev = format!("{reference}^{{commit}}");
-    let spec = git(ctx, &["--git-dir", &mirror_str, "rev-parse", "--verify", "--quiet", &rev]);
+    let spec = git(
+        ctx,
+        &[
+            "--git-dir",
+            &mirror_str,
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &rev,
+        ],
+    );
     let (code, out) = run_captured(&run::local(), &spec, log).await?;
     Ok((code == Some(0)).then(|| out.trim().to_string()))
 }

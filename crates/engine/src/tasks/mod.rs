@@ -36,6 +36,7 @@ pub async fn after_failure(t: &TaskContext<'_>, error: &str) {
         _ => Ok(()),
     };
     if let Err(e) = outcome {
-        t.log.info(format!("could not record the failure ({error}): {e}"));
+        t.log
+            .info(format!("could not record the failure ({error}): {e}"));
     }
 }

@@ -16,7 +16,12 @@ pub async fn load_project(t: &TaskContext<'_>) -> Result<ProjectRecord, TaskErro
         .ok_or_else(|| TaskError::new("the project no longer exists"))
 }
 
-async fn set_status(t: &TaskContext<'_>, project: &ProjectRecord, status: &str, manifest: Option<serde_json::Value>) -> Result<(), TaskError> {
+async fn set_status(
+    t: &TaskContext<'_>,
+    project: &ProjectRecord,
+    status: &str,
+    manifest: Option<serde_json::Value>,
+) -> Result<(), TaskError> {
     let mut updated = project.clone();
     updated.status = status.into();
     if manifest.is_some() {
@@ -42,7 +47,8 @@ pub async fn fetch_repository(t: &TaskContext<'_>) -> TaskResult {
             project.branch
         )));
     };
-    t.log.info(format!("branch {} is at {commit}", project.branch));
+    t.log
+        .info(format!("branch {} is at {commit}", project.branch));
     Ok(TaskOutput::with_state(json!({ "commit": commit })))
 }
 

@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 
 use super::git;
 use super::project::load_project;
-use crate::run::{self, require_success, run_captured, run_logged, TaskContext, TaskError, TaskOutput, TaskResult};
+use crate::run::{
+    self, require_success, run_captured, run_logged, TaskContext, TaskError, TaskOutput, TaskResult,
+};
 use crate::time::now_ms;
 
 fn build_dir(t: &TaskContext<'_>) -> PathBuf {
@@ -46,7 +48,11 @@ pub async fn resolve_ref(t: &TaskContext<'_>) -> TaskResult {
     git::update_mirror(t.ctx, t.log, &project.git_url, &mirror).await?;
     let commit = git::resolve(t.ctx, t.log, &mirror, &reference)
         .await?
-        .ok_or_else(|| TaskError(format!("{reference} is not a branch, tag or commit of the repository")))?;
+        .ok_or_else(|| {
+            TaskError(format!(
+                "{reference} is not a branch, tag or commit of the repository"
+            ))
+        })?;
     t.log.info(format!("{reference} is commit {commit}"));
 
     let now = now_ms();
@@ -57,7 +63,9 @@ pub async fn resolve_ref(t: &TaskContext<'_>) -> TaskResult {
                 existing.id
             ));
             return Ok(TaskOutput {
-                state_patch: Some(json!({ "commit": commit, "release": existing.id, "result": { "release": existing.id } })),
+                state_patch: Some(
+                    json!({ "commit": commit, "release": existing.id, "result": { "release": existing.id } }),
+                ),
                 skip_remaining: true,
                 ..Default::default()
             });
@@ -89,7 +97,9 @@ pub async fn resolve_ref(t: &TaskContext<'_>) -> TaskResult {
         }
     };
     t.log.info(format!("building release {}", release.id));
-    Ok(TaskOutput::with_state(json!({ "commit": commit, "release": release.id })))
+    Ok(TaskOutput::with_state(
+        json!({ "commit": commit, "release": release.id }),
+    ))
 }
 
 async fn fresh_checkout(t: &TaskContext<'_>, commit: &str) -> Result<PathBuf, TaskError> {
@@ -97,18 +107,38 @@ async fn fresh_checkout(t: &TaskContext<'_>, commit: &str) -> Result<PathBuf, Ta
     let _ = tokio::fs::remove_dir_all(&dir).await;
     tokio::fs::create_dir_all(dir.parent().expect("builds dir")).await?;
     let mirror = git::mirror_path(t.ctx, &t.op.subject_id);
-    let (mirror_s, dir_s) = (mirror.to_string_lossy().to_string(), dir.to_string_lossy().to_string());
+    let (mirror_s, dir_s) = (
+        mirror.to_string_lossy().to_string(),
+        dir.to_string_lossy().to_string(),
+    );
     let exec = run::local();
-    let clone = git::git(t.ctx, &["clone", "--quiet", "--shared", "--no-checkout", "--", &mirror_s, &dir_s]);
+    let clone = git::git(
+        t.ctx,
+        &[
+            "clone",
+            "--quiet",
+            "--shared",
+            "--no-checkout",
+            "--",
+            &mirror_s,
+            &dir_s,
+        ],
+    );
     require_success(run_logged(&exec, &clone, t.log).await?, "git clone")?;
-    let checkout = git::git(t.ctx, &["-C", &dir_s, "checkout", "--quiet", "--detach", commit]);
+    let checkout = git::git(
+        t.ctx,
+        &["-C", &dir_s, "checkout", "--quiet", "--detach", commit],
+    );
     require_success(run_logged(&exec, &checkout, t.log).await?, "git checkout")?;
     Ok(dir)
 }
 
 fn read_manifest(dir: &Path) -> Result<Manifest, TaskError> {
-    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
-        .map_err(|_| TaskError(format!("{MANIFEST_FILE} is missing at the root of the commit")))?;
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|_| {
+        TaskError(format!(
+            "{MANIFEST_FILE} is missing at the root of the commit"
+        ))
+    })?;
     Manifest::parse(&text).map_err(|e| TaskError(e.to_string()))
 }
 
@@ -116,7 +146,10 @@ pub async fn check_out(t: &TaskContext<'_>) -> TaskResult {
     let commit = state_str(t, "commit")?;
     let dir = fresh_checkout(t, commit).await?;
     let manifest = read_manifest(&dir)?;
-    t.log.info(format!("checked out {commit}; {} build commands", manifest.build.len()));
+    t.log.info(format!(
+        "checked out {commit}; {} build commands",
+        manifest.build.len()
+    ));
     Ok(TaskOutput::done())
 }
 
@@ -127,7 +160,8 @@ pub async fn run_build_commands(t: &TaskContext<'_>) -> TaskResult {
     // A build cut short may have left the tree half-built: start again from the commit.
     let marker = dir.with_extension("started");
     if marker.exists() || !dir.exists() {
-        t.log.info("an earlier build attempt did not finish: checking out afresh");
+        t.log
+            .info("an earlier build attempt did not finish: checking out afresh");
         fresh_checkout(t, commit).await?;
     }
     tokio::fs::write(&marker, b"").await?;
@@ -142,7 +176,10 @@ pub async fn run_build_commands(t: &TaskContext<'_>) -> TaskResult {
             .env("HEFRING_PROJECT", &t.op.subject_id);
         spec.env.push(("HEFRING_OPERATION".into(), t.op.id.clone()));
         let code = run_logged(&exec, &spec, t.log).await?;
-        require_success(code, &format!("build command {} ({})", i + 1, command.display()))?;
+        require_success(
+            code,
+            &format!("build command {} ({})", i + 1, command.display()),
+        )?;
     }
     tokio::fs::remove_file(&marker).await?;
     Ok(TaskOutput::done())
@@ -152,8 +189,13 @@ pub async fn pack_artifact(t: &TaskContext<'_>) -> TaskResult {
     let mut release = load_release(t).await?;
     let dir = build_dir(t);
     let commit = state_str(t, "commit")?.to_string();
-    let mirror = git::mirror_path(t.ctx, &t.op.subject_id).to_string_lossy().to_string();
-    let spec = git::git(t.ctx, &["--git-dir", &mirror, "show", "-s", "--format=%ct", &commit]);
+    let mirror = git::mirror_path(t.ctx, &t.op.subject_id)
+        .to_string_lossy()
+        .to_string();
+    let spec = git::git(
+        t.ctx,
+        &["--git-dir", &mirror, "show", "-s", "--format=%ct", &commit],
+    );
     let (code, out) = run_captured(&run::local(), &spec, t.log).await?;
     require_success(code, "git show")?;
     let mtime: u64 = out.trim().parse().unwrap_or(0);
@@ -169,21 +211,30 @@ pub async fn pack_artifact(t: &TaskContext<'_>) -> TaskResult {
     };
     let path = t.ctx.artifact_path(&sha256);
     tokio::fs::rename(&partial, &path).await?;
-    t.log.info(format!("artifact {} ({size} bytes, sha256 {sha256})", path.display()));
+    t.log.info(format!(
+        "artifact {} ({size} bytes, sha256 {sha256})",
+        path.display()
+    ));
     release.status = "ready".into();
     release.artifact_sha256 = Some(sha256);
     release.artifact_size = Some(size as i64);
     release.updated_at = now_ms();
     t.ctx.store.update_release(&release).await?;
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    Ok(TaskOutput::with_state(json!({ "result": { "release": release.id } })))
+    Ok(TaskOutput::with_state(
+        json!({ "result": { "release": release.id } }),
+    ))
 }
 
 /// Packs `dir` (without `.git`) into a deterministic tar.zst: sorted entries, one mtime,
 /// owner root. Answers the archive's SHA-256 and size.
 fn pack(dir: &Path, out: &Path, mtime: u64) -> Result<(String, u64), TaskError> {
     let file = std::fs::File::create(out)?;
-    let hashing = HashingWriter { inner: file, hash: Sha256::new(), size: 0 };
+    let hashing = HashingWriter {
+        inner: file,
+        hash: Sha256::new(),
+        size: 0,
+    };
     let encoder = zstd::Encoder::new(hashing, 3)?;
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
@@ -255,7 +306,13 @@ pub async fn discard_build(t: &TaskContext<'_>) -> TaskResult {
     let dir = build_dir(t);
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let _ = tokio::fs::remove_file(dir.with_extension("started")).await;
-    let _ = tokio::fs::remove_file(t.ctx.data_dir.join("artifacts").join(format!("{}.partial", t.op.id))).await;
+    let _ = tokio::fs::remove_file(
+        t.ctx
+            .data_dir
+            .join("artifacts")
+            .join(format!("{}.partial", t.op.id)),
+    )
+    .await;
     t.log.info("removed the build tree");
     Ok(TaskOutput::done())
 }

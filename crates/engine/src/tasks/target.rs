@@ -16,7 +16,11 @@ async fn load(t: &TaskContext<'_>) -> Result<TargetRecord, TaskError> {
         .ok_or_else(|| TaskError::new("the target no longer exists"))
 }
 
-async fn save(t: &TaskContext<'_>, mut target: TargetRecord, status: &str) -> Result<(), TaskError> {
+async fn save(
+    t: &TaskContext<'_>,
+    mut target: TargetRecord,
+    status: &str,
+) -> Result<(), TaskError> {
     target.status = status.into();
     target.updated_at = now_ms();
     t.ctx.store.update_target(&target).await?;
@@ -38,14 +42,21 @@ pub async fn connect(t: &TaskContext<'_>) -> TaskResult {
         )));
     }
     t.log.info(out.trim());
-    if let Host::Ssh { user, host, port } = Host::parse("host", &target.host).map_err(|e| TaskError(e.to_string()))? {
+    if let Host::Ssh { user, host, port } =
+        Host::parse("host", &target.host).map_err(|e| TaskError(e.to_string()))?
+    {
         if target.host_key.is_none() {
             let ssh = SshExecutor {
                 user,
                 host,
                 port,
                 key: t.ctx.ssh_key.clone(),
-                known_hosts: t.ctx.data_dir.join("ssh").join("known_hosts.d").join(&target.id),
+                known_hosts: t
+                    .ctx
+                    .data_dir
+                    .join("ssh")
+                    .join("known_hosts.d")
+                    .join(&target.id),
                 pinned_host_key: None,
             };
             let key = ssh
@@ -78,7 +89,10 @@ pub async fn inspect_system(t: &TaskContext<'_>) -> TaskResult {
         }
     }
     for (service, up) in &found.services {
-        t.log.info(format!("service {service}: {}", if *up { "up" } else { "down" }));
+        t.log.info(format!(
+            "service {service}: {}",
+            if *up { "up" } else { "down" }
+        ));
     }
     let missing = target::missing_requirements(&found);
     target.inspection = Some(json!({
@@ -110,7 +124,11 @@ pub async fn remove(t: &TaskContext<'_>) -> TaskResult {
     }
     t.ctx.store.delete_target(&t.op.subject_id).await?;
     let _ = tokio::fs::remove_file(
-        t.ctx.data_dir.join("ssh").join("known_hosts.d").join(&t.op.subject_id),
+        t.ctx
+            .data_dir
+            .join("ssh")
+            .join("known_hosts.d")
+            .join(&t.op.subject_id),
     )
     .await;
     t.log.info("target removed");

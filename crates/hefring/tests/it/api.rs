@@ -9,11 +9,22 @@ use crate::harness::{Repo, Server};
 async fn health_and_openapi_are_public_and_everything_else_needs_a_token() {
     let server = Server::start().await;
     let http = server.http();
-    let health = http.get(format!("{}/api/v1/health", server.url)).send().await.unwrap();
+    let health = http
+        .get(format!("{}/api/v1/health", server.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
 
-    let doc: Value = http.get(format!("{}/api/v1/openapi.json", server.url)).send().await.unwrap().json().await.unwrap();
+    let doc: Value = http
+        .get(format!("{}/api/v1/openapi.json", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/api/v1/targets",
@@ -32,7 +43,10 @@ async fn health_and_openapi_are_public_and_everything_else_needs_a_token() {
         "/api/v1/operations/{id}/cancel",
         "/api/v1/ssh-key",
     ] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from the OpenAPI document");
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
     }
 
     for (method, path) in [
@@ -44,13 +58,24 @@ async fn health_and_openapi_are_public_and_everything_else_needs_a_token() {
         ("GET", "/ssh-key"),
         ("POST", "/projects/prj_x/verify"),
     ] {
-        let request = http.request(method.parse().unwrap(), format!("{}/api/v1{path}", server.url));
+        let request = http.request(
+            method.parse().unwrap(),
+            format!("{}/api/v1{path}", server.url),
+        );
         let response = request.try_clone().unwrap().send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path}"
+        );
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "unauthorized");
         let wrong = request.bearer_auth("hft_wrong").send().await.unwrap();
-        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED, "{method} {path} with a wrong token");
+        assert_eq!(
+            wrong.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} with a wrong token"
+        );
     }
 }
 
@@ -65,12 +90,22 @@ async fn a_fresh_install_registers_the_local_machine_once_and_shows_its_ssh_key(
     assert_eq!(items[0]["kind"], "server");
     assert_eq!(items[0]["host"], "local");
     assert!(list["next"].is_null());
-    let (_, ops) = server.get(&format!("/operations?subject={}", items[0]["id"].as_str().unwrap())).await;
-    assert_eq!(ops["items"][0]["kind"], "target_verify", "the local target is verified on registration");
+    let (_, ops) = server
+        .get(&format!(
+            "/operations?subject={}",
+            items[0]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(
+        ops["items"][0]["kind"], "target_verify",
+        "the local target is verified on registration"
+    );
 
     // Deleting it and restarting does not bring it back: it was registered once.
     let local = items[0]["id"].as_str().unwrap().to_string();
-    let (status, deletion) = server.call(reqwest::Method::DELETE, &format!("/targets/{local}"), None).await;
+    let (status, deletion) = server
+        .call(reqwest::Method::DELETE, &format!("/targets/{local}"), None)
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{deletion}");
     assert_eq!(deletion["kind"], "target_delete");
     let deletion = server.wait_op(deletion["id"].as_str().unwrap()).await;
@@ -81,13 +116,26 @@ async fn a_fresh_install_registers_the_local_machine_once_and_shows_its_ssh_key(
 
     let (status, key) = server.get("/ssh-key").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(key["public_key"].as_str().unwrap().starts_with("ssh-ed25519 "));
+    assert!(key["public_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("ssh-ed25519 "));
 }
 
-async fn error(server: &Server, method: reqwest::Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
-    let mut request = server.http().request(method, format!("{}/api/v1{path}", server.url)).bearer_auth(&server.token);
+async fn error(
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&str>,
+) -> (StatusCode, Value) {
+    let mut request = server
+        .http()
+        .request(method, format!("{}/api/v1{path}", server.url))
+        .bearer_auth(&server.token);
     if let Some(body) = body {
-        request = request.header("content-type", "application/json").body(body.to_string());
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_string());
     }
     let response = request.send().await.unwrap();
     let status = response.status();
@@ -101,67 +149,340 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_is_stored() {
     let (_, before_ops) = server.get("/operations").await;
     use reqwest::Method as M;
     let cases: Vec<(M, &str, &str, StatusCode, &str, Option<&str>)> = vec![
-        (M::POST, "/targets", "{", StatusCode::BAD_REQUEST, "malformed_request", None),
-        (M::POST, "/targets", "", StatusCode::BAD_REQUEST, "malformed_request", None),
-        (M::POST, "/targets", "[1,2]", StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("body")),
-        (M::POST, "/targets", r#"{"host":"local"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("name")),
-        (M::POST, "/targets", r#"{"name":"Bad_Name","host":"local"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("name")),
-        (M::POST, "/targets", r#"{"name":"a","host":"ssh://u@-oProxyCommand=x:22"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("host")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","kind":"mainframe"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("kind")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","root":"relative/dir"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("root")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","root":"/srv/../etc"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("root")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","http_port":0}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("http_port")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","http_port":70000}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("http_port")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","web_user":"www data"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("web_user")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","host_key":"x y z"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("host_key")),
-        (M::POST, "/targets", r#"{"name":"a","host":"local","surprise":1}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("surprise")),
-        (M::POST, "/targets", r#"{"name":"local","host":"local"}"#, StatusCode::CONFLICT, "conflict", Some("name")),
-        (M::POST, "/projects", r#"{"name":"p","git_url":"ext::sh -c touch% /tmp/pwned"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("git_url")),
-        (M::POST, "/projects", r#"{"name":"p","git_url":"--upload-pack=touch /tmp/pwned"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("git_url")),
-        (M::POST, "/projects", r#"{"name":"p","git_url":"relative/path"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("git_url")),
-        (M::POST, "/projects", r#"{"name":"p","git_url":"/srv/x","branch":"--all"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("branch")),
-        (M::POST, "/projects", r#"{"name":"p"}"#, StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("git_url")),
-        (M::GET, "/targets?limit=0", "", StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("limit")),
-        (M::GET, "/targets?limit=abc", "", StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("limit")),
-        (M::GET, "/operations?status=sleeping", "", StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("status")),
-        (M::GET, "/targets/tgt_00000000000000000000000000", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::GET, "/targets/not-an-id", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::GET, "/projects/../../etc/passwd", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::GET, "/releases/rel_nope", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::GET, "/operations/op_nope", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::GET, "/operations/op_nope/log", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::POST, "/operations/op_nope/retry", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::POST, "/operations/op_nope/cancel", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::POST, "/targets/tgt_nope/verify", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::DELETE, "/targets/tgt_nope", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::POST, "/projects/prj_nope/verify", "", StatusCode::NOT_FOUND, "not_found", None),
-        (M::POST, "/projects/prj_nope/releases", r#"{"ref":"main"}"#, StatusCode::NOT_FOUND, "not_found", None),
-        (M::GET, "/no/such/route", "", StatusCode::NOT_FOUND, "not_found", None),
+        (
+            M::POST,
+            "/targets",
+            "{",
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            None,
+        ),
+        (
+            M::POST,
+            "/targets",
+            "",
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            None,
+        ),
+        (
+            M::POST,
+            "/targets",
+            "[1,2]",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("body"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"host":"local"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("name"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"Bad_Name","host":"local"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("name"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"ssh://u@-oProxyCommand=x:22"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("host"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","kind":"mainframe"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("kind"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","root":"relative/dir"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("root"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","root":"/srv/../etc"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("root"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","http_port":0}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("http_port"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","http_port":70000}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("http_port"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","web_user":"www data"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("web_user"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","host_key":"x y z"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("host_key"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"a","host":"local","surprise":1}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("surprise"),
+        ),
+        (
+            M::POST,
+            "/targets",
+            r#"{"name":"local","host":"local"}"#,
+            StatusCode::CONFLICT,
+            "conflict",
+            Some("name"),
+        ),
+        (
+            M::POST,
+            "/projects",
+            r#"{"name":"p","git_url":"ext::sh -c touch% /tmp/pwned"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("git_url"),
+        ),
+        (
+            M::POST,
+            "/projects",
+            r#"{"name":"p","git_url":"--upload-pack=touch /tmp/pwned"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("git_url"),
+        ),
+        (
+            M::POST,
+            "/projects",
+            r#"{"name":"p","git_url":"relative/path"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("git_url"),
+        ),
+        (
+            M::POST,
+            "/projects",
+            r#"{"name":"p","git_url":"/srv/x","branch":"--all"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("branch"),
+        ),
+        (
+            M::POST,
+            "/projects",
+            r#"{"name":"p"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("git_url"),
+        ),
+        (
+            M::GET,
+            "/targets?limit=0",
+            "",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("limit"),
+        ),
+        (
+            M::GET,
+            "/targets?limit=abc",
+            "",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("limit"),
+        ),
+        (
+            M::GET,
+            "/operations?status=sleeping",
+            "",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("status"),
+        ),
+        (
+            M::GET,
+            "/targets/tgt_00000000000000000000000000",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::GET,
+            "/targets/not-an-id",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::GET,
+            "/projects/../../etc/passwd",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::GET,
+            "/releases/rel_nope",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::GET,
+            "/operations/op_nope",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::GET,
+            "/operations/op_nope/log",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::POST,
+            "/operations/op_nope/retry",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::POST,
+            "/operations/op_nope/cancel",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::POST,
+            "/targets/tgt_nope/verify",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::DELETE,
+            "/targets/tgt_nope",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::POST,
+            "/projects/prj_nope/verify",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::POST,
+            "/projects/prj_nope/releases",
+            r#"{"ref":"main"}"#,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            M::GET,
+            "/no/such/route",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
     ];
     for (method, path, body, status, code, field) in cases {
         let body = (!body.is_empty()).then_some(body);
         let (got, value) = error(&server, method.clone(), path, body).await;
         assert_eq!(got, status, "{method} {path} {body:?}: {value}");
-        assert_eq!(value["error"]["code"], code, "{method} {path} {body:?}: {value}");
+        assert_eq!(
+            value["error"]["code"], code,
+            "{method} {path} {body:?}: {value}"
+        );
         assert!(!value["error"]["message"].as_str().unwrap().is_empty());
-        assert_eq!(value["error"]["field"].as_str(), field, "{method} {path} {body:?}: {value}");
+        assert_eq!(
+            value["error"]["field"].as_str(),
+            field,
+            "{method} {path} {body:?}: {value}"
+        );
     }
     let (_, after_targets) = server.get("/targets").await;
     let (_, after_ops) = server.get("/operations").await;
-    assert_eq!(before_targets, after_targets, "a refused request stored a target");
-    assert_eq!(before_ops["items"].as_array().unwrap().len(), after_ops["items"].as_array().unwrap().len());
+    assert_eq!(
+        before_targets, after_targets,
+        "a refused request stored a target"
+    );
+    assert_eq!(
+        before_ops["items"].as_array().unwrap().len(),
+        after_ops["items"].as_array().unwrap().len()
+    );
     let (_, projects) = server.get("/projects").await;
-    assert_eq!(projects["items"], json!([]), "a refused request stored a project");
+    assert_eq!(
+        projects["items"],
+        json!([]),
+        "a refused request stored a project"
+    );
 }
 
 #[tokio::test]
 async fn bad_refs_are_refused_before_any_operation_exists() {
     let server = Server::start().await;
     let repo = Repo::new("runtime: php\n");
-    let project = server.create("/projects", json!({"name": "p", "git_url": repo.url()})).await;
+    let project = server
+        .create("/projects", json!({"name": "p", "git_url": repo.url()}))
+        .await;
     let id = project["id"].as_str().unwrap();
     for bad in ["--output=/tmp/x", "a..b", "main@{1}", "x y", ""] {
-        let (status, body) = server.post(&format!("/projects/{id}/releases"), json!({"ref": bad})).await;
+        let (status, body) = server
+            .post(&format!("/projects/{id}/releases"), json!({"ref": bad}))
+            .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
         assert_eq!(body["error"]["field"], "ref");
     }
@@ -189,7 +510,9 @@ async fn targets_can_be_added_listed_shown_verified_and_removed() {
     assert_eq!(shown["root"], "/srv/hefring");
 
     // Nothing listens on port 1: the verify fails at connect, and says so.
-    let op = server.start_op(&format!("/targets/{id}/verify"), None).await;
+    let op = server
+        .start_op(&format!("/targets/{id}/verify"), None)
+        .await;
     assert_eq!(op["kind"], "target_verify");
     assert_eq!(op["subject"], json!({"type": "target", "id": id}));
     assert_eq!(op["status"], "queued");
@@ -197,23 +520,32 @@ async fn targets_can_be_added_listed_shown_verified_and_removed() {
     assert_eq!(op["requested_by"], "token:tests");
     let done = server.wait_op(op["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "failed", "{done}");
-    assert!(done["error"].as_str().unwrap().contains("cannot reach"), "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("cannot reach"),
+        "{done}"
+    );
     assert_eq!(done["tasks"][0]["status"], "failed");
     assert_eq!(done["tasks"][1]["status"], "pending");
     let (_, shown) = server.get(&format!("/targets/{id}")).await;
     assert_eq!(shown["status"], "unreachable");
 
     // Pagination: newest first, with a cursor.
-    server.create("/targets", json!({"name": "web-2", "host": "local"})).await;
+    server
+        .create("/targets", json!({"name": "web-2", "host": "local"}))
+        .await;
     let (_, page1) = server.get("/targets?limit=2").await;
     assert_eq!(page1["items"][0]["name"], "web-2");
     assert_eq!(page1["items"][1]["name"], "web-1");
     let cursor = page1["next"].as_str().expect("a next cursor");
-    let (_, page2) = server.get(&format!("/targets?limit=2&cursor={cursor}")).await;
+    let (_, page2) = server
+        .get(&format!("/targets?limit=2&cursor={cursor}"))
+        .await;
     assert_eq!(page2["items"][0]["name"], "local");
     assert!(page2["next"].is_null());
 
-    let (status, op) = server.call(reqwest::Method::DELETE, &format!("/targets/{id}"), None).await;
+    let (status, op) = server
+        .call(reqwest::Method::DELETE, &format!("/targets/{id}"), None)
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{op}");
     let deletion = server.wait_op(op["id"].as_str().unwrap()).await;
     assert_eq!(deletion["status"], "succeeded", "{deletion}");
@@ -235,7 +567,9 @@ async fn the_local_target_verify_reports_the_tools_and_fails_only_for_what_sites
         assert_eq!(body["error"]["operation"], registration.as_str());
     }
     server.wait_op(&registration).await;
-    let op = server.start_op(&format!("/targets/{id}/verify"), None).await;
+    let op = server
+        .start_op(&format!("/targets/{id}/verify"), None)
+        .await;
     let done = server.wait_op(op["id"].as_str().unwrap()).await;
     let have = |names: &[&str]| {
         names.iter().any(|n| {
@@ -247,7 +581,9 @@ async fn the_local_target_verify_reports_the_tools_and_fails_only_for_what_sites
                 .success()
         })
     };
-    let complete = have(&["nginx"]) && have(&["php-fpm", "php-fpm8.2", "php-fpm8.3", "php-fpm8.4"]) && have(&["php"]);
+    let complete = have(&["nginx"])
+        && have(&["php-fpm", "php-fpm8.2", "php-fpm8.3", "php-fpm8.4"])
+        && have(&["php"]);
     let (_, target) = server.get(&format!("/targets/{id}")).await;
     let inspection = &target["inspection"];
     assert!(inspection["os"].as_str().unwrap().len() > 2, "{target}");
@@ -260,7 +596,10 @@ async fn the_local_target_verify_reports_the_tools_and_fails_only_for_what_sites
         assert_eq!(target["status"], "ready");
     } else {
         assert_eq!(done["status"], "failed", "{done}");
-        assert!(done["error"].as_str().unwrap().contains("lacks what environments need"));
+        assert!(done["error"]
+            .as_str()
+            .unwrap()
+            .contains("lacks what environments need"));
         assert_eq!(target["status"], "failed");
     }
 }

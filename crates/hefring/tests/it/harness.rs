@@ -26,14 +26,26 @@ impl Server {
 
     /// Starts a server with extra `serve` flags and environment.
     pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let dir = tempfile::Builder::new().prefix("hefring-it-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hefring-it-")
+            .tempdir()
+            .unwrap();
         let out = Command::new(BIN)
             .args(["admin", "create-token", "--name", "tests", "--data-dir"])
             .arg(dir.path())
             .output()
             .unwrap();
-        assert!(out.status.success(), "create-token: {}", String::from_utf8_lossy(&out.stderr));
-        let token = String::from_utf8(out.stdout).unwrap().lines().last().unwrap().to_string();
+        assert!(
+            out.status.success(),
+            "create-token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .to_string();
         let mut server = Server {
             child: None,
             url: String::new(),
@@ -69,7 +81,9 @@ impl Server {
         }
         let mut child = command.spawn().unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -111,19 +125,32 @@ impl Server {
 
     pub fn command(&self) -> Command {
         let mut command = Command::new(BIN);
-        command.env("HEFRING_URL", &self.url).env("HEFRING_TOKEN", &self.token);
+        command
+            .env("HEFRING_URL", &self.url)
+            .env("HEFRING_TOKEN", &self.token);
         command
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, format!("{}/api/v1{path}", self.url)).bearer_auth(&self.token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.url))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -168,7 +195,10 @@ impl Server {
 
     /// Polls until the operation ends.
     pub async fn wait_op(&self, id: &str) -> Value {
-        self.wait_for(id, |op| ["succeeded", "failed", "cancelled"].contains(&op["status"].as_str().unwrap())).await
+        self.wait_for(id, |op| {
+            ["succeeded", "failed", "cancelled"].contains(&op["status"].as_str().unwrap())
+        })
+        .await
     }
 
     pub async fn wait_for(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
@@ -178,7 +208,11 @@ impl Server {
             if done(&op) {
                 return op;
             }
-            assert!(Instant::now() < deadline, "operation {id} stuck: {op}\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "operation {id} stuck: {op}\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -208,12 +242,22 @@ pub fn attempts(op: &Value) -> Vec<(String, u64)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| (t["name"].as_str().unwrap().to_string(), t["attempts"].as_u64().unwrap()))
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().to_string(),
+                t["attempts"].as_u64().unwrap(),
+            )
+        })
         .collect()
 }
 
 pub fn statuses(op: &Value) -> Vec<String> {
-    op["tasks"].as_array().unwrap().iter().map(|t| t["status"].as_str().unwrap().to_string()).collect()
+    op["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// A git repository with `.hefring.yml` and the given files, committed on `main`.
@@ -223,10 +267,16 @@ pub struct Repo {
 
 impl Repo {
     pub fn new(manifest: &str) -> Repo {
-        let dir = tempfile::Builder::new().prefix("hefring-repo-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hefring-repo-")
+            .tempdir()
+            .unwrap();
         let repo = Repo { dir };
         repo.git(&["init", "-q", "-b", "main"]);
-        repo.commit(&[(".hefring.yml", manifest), ("index.php", "<?php echo 'hello';\n")]);
+        repo.commit(&[
+            (".hefring.yml", manifest),
+            ("index.php", "<?php echo 'hello';\n"),
+        ]);
         repo
     }
 
@@ -241,7 +291,11 @@ impl Repo {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 

@@ -21,11 +21,17 @@ impl Drop for Sshd {
 }
 
 fn sshd_binary() -> Option<&'static str> {
-    ["/usr/sbin/sshd", "/usr/bin/sshd"].into_iter().find(|p| Path::new(p).exists())
+    ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A private sshd accepting `authorized_key`, with a host key of its own in `dir`.
@@ -34,7 +40,11 @@ fn start_sshd(dir: &Path, authorized_key: &str, host_key_name: &str) -> Sshd {
     std::fs::create_dir_all("/run/sshd").unwrap();
     let host_key = dir.join(host_key_name);
     if !host_key.exists() {
-        let status = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&host_key).status().unwrap();
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key)
+            .status()
+            .unwrap();
         assert!(status.success());
     }
     let authorized = dir.join("authorized_keys");
@@ -46,12 +56,22 @@ fn start_sshd(dir: &Path, authorized_key: &str, host_key_name: &str) -> Sshd {
         .args(["-p", &port.to_string()])
         .arg("-h")
         .arg(&host_key)
-        .args(["-o", "ListenAddress=127.0.0.1", "-o", "StrictModes=no", "-o", "PasswordAuthentication=no"])
+        .args([
+            "-o",
+            "ListenAddress=127.0.0.1",
+            "-o",
+            "StrictModes=no",
+            "-o",
+            "PasswordAuthentication=no",
+        ])
         .args(["-o", "PermitRootLogin=prohibit-password", "-o", "UsePAM=no"])
         .arg("-o")
         .arg(format!("AuthorizedKeysFile={}", authorized.display()))
         .arg("-o")
-        .arg(format!("PidFile={}", dir.join(format!("{host_key_name}.pid")).display()))
+        .arg(format!(
+            "PidFile={}",
+            dir.join(format!("{host_key_name}.pid")).display()
+        ))
         .stderr(std::fs::File::create(dir.join(format!("{host_key_name}.log"))).unwrap())
         .spawn()
         .unwrap();
@@ -69,22 +89,41 @@ async fn an_ssh_target_is_verified_with_the_installation_key_and_its_host_key_is
     let (_, key) = server.get("/ssh-key").await;
     let public_key = key["public_key"].as_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into());
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into());
     let sshd = start_sshd(dir.path(), public_key, "host_a");
 
     let target = server
         .create("/targets", json!({"name": "ssh-1", "host": format!("ssh://{user}@127.0.0.1:{}", sshd.port), "root": dir.path().join("root")}))
         .await;
     let id = target["id"].as_str().unwrap();
-    let op = server.start_op(&format!("/targets/{id}/verify"), None).await;
+    let op = server
+        .start_op(&format!("/targets/{id}/verify"), None)
+        .await;
     let done = server.wait_op(op["id"].as_str().unwrap()).await;
-    assert_eq!(done["tasks"][0]["status"], "succeeded", "connect: {done}\n{}", server.log_text(op["id"].as_str().unwrap()).await);
+    assert_eq!(
+        done["tasks"][0]["status"],
+        "succeeded",
+        "connect: {done}\n{}",
+        server.log_text(op["id"].as_str().unwrap()).await
+    );
     assert_eq!(done["tasks"][1]["status"], done["status"], "{done}");
     let (_, shown) = server.get(&format!("/targets/{id}")).await;
-    let pinned = shown["host_key"].as_str().expect("the host key is pinned").to_string();
+    let pinned = shown["host_key"]
+        .as_str()
+        .expect("the host key is pinned")
+        .to_string();
     let expected = std::fs::read_to_string(dir.path().join("host_a.pub")).unwrap();
-    assert!(expected.starts_with(&pinned), "pinned {pinned}, sshd has {expected}");
-    assert!(shown["inspection"]["kernel"].as_str().unwrap().starts_with("Linux"));
+    assert!(
+        expected.starts_with(&pinned),
+        "pinned {pinned}, sshd has {expected}"
+    );
+    assert!(shown["inspection"]["kernel"]
+        .as_str()
+        .unwrap()
+        .starts_with("Linux"));
     let log = server.log_text(op["id"].as_str().unwrap()).await;
     assert!(log.contains(&format!("connected as {user}")), "{log}");
 
@@ -94,12 +133,20 @@ async fn an_ssh_target_is_verified_with_the_installation_key_and_its_host_key_is
     let moved = server
         .create("/targets", json!({"name": "ssh-2", "host": format!("ssh://{user}@127.0.0.1:{}", impostor.port), "host_key": pinned}))
         .await;
-    let op = server.start_op(&format!("/targets/{}/verify", moved["id"].as_str().unwrap()), None).await;
+    let op = server
+        .start_op(
+            &format!("/targets/{}/verify", moved["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
     let done = server.wait_op(op["id"].as_str().unwrap()).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(statuses(&done), ["failed", "pending"]);
     let log = server.log_text(op["id"].as_str().unwrap()).await;
-    assert!(log.to_lowercase().contains("host key"), "ssh says why: {log}");
+    assert!(
+        log.to_lowercase().contains("host key"),
+        "ssh says why: {log}"
+    );
 }
 
 use crate::harness::statuses;
