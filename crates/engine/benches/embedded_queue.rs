@@ -50,7 +50,11 @@ async fn enqueue(store: &Arc<dyn Store>, queue: &EmbeddedQueue) -> (String, Inst
     let at = Instant::now();
     let created = store.create_operation(&op, now_ms()).await.unwrap();
     queue
-        .publish(&Job { operation_id: created.id.clone(), kind: "system_noop".into(), queue: created.queue })
+        .publish(&Job {
+            operation_id: created.id.clone(),
+            kind: "system_noop".into(),
+            queue: created.queue,
+        })
         .await
         .unwrap();
     (created.id, at)
@@ -79,14 +83,24 @@ fn report(name: &str, mut latencies: Vec<Duration>) {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let operations = args.first().copied().unwrap_or(10_000);
     let workers = args.get(1).copied().unwrap_or(4);
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::connect(&dir.path().join("bench.db").to_string_lossy()).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::connect(&dir.path().join("bench.db").to_string_lossy())
+            .await
+            .unwrap(),
+    );
     let queue = EmbeddedQueue::new();
-    let probe = Arc::new(Probe { started: Mutex::default(), ended: Mutex::new(0), changed: Notify::new() });
+    let probe = Arc::new(Probe {
+        started: Mutex::default(),
+        ended: Mutex::new(0),
+        changed: Notify::new(),
+    });
 
     // Drain: queue everything first, then start the workers and time until all have ended.
     for _ in 0..operations {
@@ -97,14 +111,24 @@ async fn main() {
     let observer_probe = probe.clone();
     config.observer = Some(Arc::new(move |event| match event {
         Observed::TaskStarted { operation, .. } => {
-            observer_probe.started.lock().unwrap().insert(operation.to_string(), Instant::now());
+            observer_probe
+                .started
+                .lock()
+                .unwrap()
+                .insert(operation.to_string(), Instant::now());
         }
         Observed::OperationEnded { .. } => {
             *observer_probe.ended.lock().unwrap() += 1;
             observer_probe.changed.notify_waiters();
         }
     }));
-    let engine = Engine::new(store.clone(), Arc::new(queue.clone()) as Arc<dyn Queue>, config).await.unwrap();
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(queue.clone()) as Arc<dyn Queue>,
+        config,
+    )
+    .await
+    .unwrap();
     let (_stop, stopped) = watch::channel(false);
     let begun = Instant::now();
     let _workers = engine.start(stopped);
@@ -134,5 +158,8 @@ async fn main() {
     }
     wait_ended(&probe, operations + 1000 + 3000).await;
     let started = probe.started.lock().unwrap();
-    report("enqueue-to-start, 1,000/s stream", sent.iter().map(|(id, at)| started[id] - *at).collect());
+    report(
+        "enqueue-to-start, 1,000/s stream",
+        sent.iter().map(|(id, at)| started[id] - *at).collect(),
+    );
 }

@@ -217,7 +217,7 @@ impl Engine {
                 tick.tick().await;
                 log.flush().await;
                 n += 1;
-                if n % 10 != 0 {
+                if !n.is_multiple_of(10) {
                     continue;
                 }
                 let until = now_ms() + lease.as_millis() as i64;
@@ -295,7 +295,10 @@ impl Engine {
                 .start_task(&op.id, owner, task.position, now_ms())
                 .await?;
             if let Some(observe) = &self.config.observer {
-                observe(Observed::TaskStarted { operation: &op.id, task: &task.name });
+                observe(Observed::TaskStarted {
+                    operation: &op.id,
+                    task: &task.name,
+                });
             }
             crash_if_asked(&task.name);
             if task.attempts > 0 {

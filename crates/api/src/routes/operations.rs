@@ -140,7 +140,8 @@ fn follow(
     mut after: i64,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream(move |tx| async move {
-        let mut last_seen: Option<(String, i64)> = None;
+        // Status events go out when the operation or any of its tasks changes.
+        let mut last_seen: Option<String> = None;
         loop {
             let Ok(lines) = state.store.read_logs(&id, after, 1000).await else {
                 return;
@@ -161,7 +162,11 @@ fn follow(
             let Ok(Some(op)) = state.store.get_operation(&id).await else {
                 return;
             };
-            let fingerprint = (op.status.as_str().to_string(), op.updated_at);
+            let fingerprint = std::iter::once(op.status.as_str())
+                .chain(op.tasks.iter().map(|t| t.status.as_str()))
+                .chain(std::iter::once(op.updated_at.to_string().as_str()))
+                .collect::<Vec<_>>()
+                .join(",");
             let terminal = op.status.is_terminal();
             let status = op.status;
             if last_seen.as_ref() != Some(&fingerprint) {
@@ -205,19 +210,10 @@ where
     F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    use futures::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(producer(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx).map_ok()
-}
-
-trait MapOk: Sized {
-    fn map_ok(self) -> futures::stream::Map<Self, fn(Event) -> Result<Event, Infallible>>;
-}
-
-impl<S: Stream<Item = Event>> MapOk for S {
-    fn map_ok(self) -> futures::stream::Map<Self, fn(Event) -> Result<Event, Infallible>> {
-        futures::StreamExt::map(self, Ok as fn(Event) -> Result<Event, Infallible>)
-    }
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
 /// A new attempt of a failed or cancelled operation, resuming at the task that did not

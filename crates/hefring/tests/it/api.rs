@@ -148,7 +148,9 @@ async fn bad_input_is_refused_with_the_field_named_and_nothing_is_stored() {
     let (_, before_targets) = server.get("/targets").await;
     let (_, before_ops) = server.get("/operations").await;
     use reqwest::Method as M;
-    let cases: Vec<(M, &str, &str, StatusCode, &str, Option<&str>)> = vec![
+    /// Method, path, body, expected status, error code and field.
+    type Case<'a> = (M, &'a str, &'a str, StatusCode, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
         (
             M::POST,
             "/targets",
