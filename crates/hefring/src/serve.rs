@@ -10,7 +10,7 @@ use hefring_core::operation::OperationKind;
 use hefring_core::{new_id, IdKind};
 use hefring_engine::{time::now_ms, Engine, EngineConfig};
 use hefring_queue::{EmbeddedQueue, Job, Queue};
-use hefring_store::{NewOperation, SqliteStore, Store, TargetRecord, TokenRecord};
+use hefring_store::{NewOperation, Store, TargetRecord, TokenRecord};
 
 use crate::cli::{ServeArgs, StateArgs};
 
@@ -25,19 +25,20 @@ fn data_dir(state: &StateArgs) -> Result<PathBuf> {
     Ok(std::fs::canonicalize(&state.data_dir)?)
 }
 
-pub async fn open_store(state: &StateArgs, data_dir: &Path) -> Result<Arc<dyn Store>> {
-    let url = match &state.database_url {
-        Some(url) if url.starts_with("sqlite:") => url.clone(),
-        Some(url) => bail!(
-            "--database-url {}: only sqlite: URLs are supported by this version (PostgreSQL comes with the distributed mode)",
-            url.split('@').next_back().unwrap_or("")
+/// The state database: `--database-url` (SQLite or PostgreSQL), by default SQLite in the
+/// data directory. Answers whether it is the embedded default.
+pub async fn open_store(state: &StateArgs, data_dir: &Path) -> Result<(Arc<dyn Store>, bool)> {
+    let (url, embedded) = match &state.database_url {
+        Some(url) => (url.clone(), false),
+        None => (
+            format!("sqlite://{}", data_dir.join("hefring.db").display()),
+            true,
         ),
-        None => format!("sqlite://{}", data_dir.join("hefring.db").display()),
     };
-    let store = SqliteStore::connect(&url)
+    let store = hefring_store::connect(&url)
         .await
         .context("cannot open the state database")?;
-    Ok(Arc::new(store))
+    Ok((store, embedded))
 }
 
 /// An exclusive lock on the data directory: one embedded server per state, so at start-up
@@ -123,13 +124,17 @@ async fn register_local_target(
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let dir = data_dir(&args.state)?;
     let _lock = lock_data_dir(&dir)?;
-    let store = open_store(&args.state, &dir).await?;
-    let reclaimed = store.expire_all_leases().await?;
-    if reclaimed > 0 {
-        tracing::info!(
-            count = reclaimed,
-            "resuming operations left running by the previous process"
-        );
+    let (store, embedded) = open_store(&args.state, &dir).await?;
+    if embedded {
+        // We hold the data directory's lock, so every running lease is a dead process's.
+        // (A shared PostgreSQL database waits for leases to expire instead.)
+        let reclaimed = store.expire_all_leases().await?;
+        if reclaimed > 0 {
+            tracing::info!(
+                count = reclaimed,
+                "resuming operations left running by the previous process"
+            );
+        }
     }
     let queue: Arc<dyn Queue> = Arc::new(EmbeddedQueue::new());
     register_local_target(&store, &queue, &dir).await?;
@@ -177,7 +182,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 pub async fn create_token(state: StateArgs, name: String) -> Result<()> {
     hefring_core::validate::name("name", &name).map_err(|e| anyhow::anyhow!("--{e}"))?;
     let dir = data_dir(&state)?;
-    let store = open_store(&state, &dir).await?;
+    let (store, _) = open_store(&state, &dir).await?;
     let token = hefring_api::new_token();
     let now = now_ms();
     store

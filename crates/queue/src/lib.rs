@@ -3,13 +3,16 @@
 //! The store is the source of truth and the arbiter of leases; a queue only carries hints
 //! ("operation X is ready on queue Q") from whoever created the operation to the workers.
 //! So a lost hint delays work but never loses it (workers also poll), and a duplicated hint is
-//! harmless (claiming is atomic in the store). This trait knows nothing of Celery or AMQP.
+//! harmless (claiming is atomic in the store). This trait knows nothing of Celery or AMQP;
+//! [`celery`] is the Celery message protocol 2 codec a later AMQP queue builds on.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
+
+pub mod celery;
 
 /// An operation that is ready, as announced to workers.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,13 +5,17 @@
 //! lease in a write transaction, and unique partial indexes make the database the arbiter of
 //! "one running operation per subject" and "one active duplicate", whoever asks.
 
+mod postgres;
 mod records;
 mod sqlite;
 #[cfg(test)]
 mod story;
 
+pub use postgres::PostgresStore;
 pub use records::*;
 pub use sqlite::SqliteStore;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use hefring_core::operation::{OperationStatus, TaskStatus};
@@ -36,11 +40,42 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A database URL no backend understands.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Opens the store a database URL names, bringing its schema up to date: `sqlite:…` or a plain
+/// path is SQLite (the file is created if needed), `postgres://…` or `postgresql://…` is
+/// PostgreSQL. Any other scheme is [`StoreError::Unsupported`].
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    // A scheme is a letter, then letters, digits, `+`, `-` or `.`, then `:`. One letter is a
+    // Windows drive, not a scheme.
+    let scheme = url.split_once(':').map(|(s, _)| s).filter(|s| {
+        s.len() > 1
+            && s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    match scheme.map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(Arc::new(SqliteStore::connect(url).await?)),
+        Some("sqlite") => {
+            let rest = &url["sqlite:".len()..];
+            Ok(Arc::new(SqliteStore::connect(&format!("sqlite:{rest}")).await?))
+        }
+        Some("postgres" | "postgresql") => Ok(Arc::new(PostgresStore::connect(url).await?)),
+        // Only the scheme: the rest of a URL may hold a password.
+        Some(other) => Err(StoreError::Unsupported(format!(
+            "unsupported database URL scheme {other:?}: use sqlite:PATH (or a plain path) or postgres://"
+        ))),
+    }
+}
 
 /// One page of a list: newest first, after `cursor` (an id) when given.
 #[derive(Clone, Debug)]

@@ -356,3 +356,389 @@ mod sqlite {
         targets_page_newest_first
     );
 }
+
+#[cfg(test)]
+mod postgres {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use sqlx::{Connection, PgConnection};
+
+    use super::*;
+
+    /// The machine's PostgreSQL, trust auth; the maintenance database creates and drops the
+    /// test databases.
+    const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+    /// Starts the local cluster, once, if nothing answers on 5432.
+    fn ensure_server() {
+        static STARTED: OnceLock<()> = OnceLock::new();
+        STARTED.get_or_init(|| {
+            if std::net::TcpStream::connect(("127.0.0.1", 5432)).is_ok() {
+                return;
+            }
+            let status = std::process::Command::new("sh")
+                .arg("-c")
+                .arg("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
+                .status()
+                .expect("cannot run pg_ctlcluster");
+            assert!(status.success(), "pg_ctlcluster failed: {status}");
+        });
+    }
+
+    /// The maintenance connection, waiting for a server that is starting up.
+    async fn admin() -> PgConnection {
+        ensure_server();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match PgConnection::connect(&format!("{SERVER}/postgres")).await {
+                Ok(conn) => return conn,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for PostgreSQL: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("PostgreSQL is not reachable at {SERVER}: {e}"),
+            }
+        }
+    }
+
+    /// A database of its own for one test, dropped when this guard is (even if the test
+    /// panicked; `WITH (FORCE)` ends the connections a store left open).
+    pub(crate) struct TestDb {
+        name: String,
+    }
+
+    impl TestDb {
+        pub(crate) async fn create() -> TestDb {
+            static COUNTER: AtomicU64 = AtomicU64::new(0);
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos();
+            let name = format!(
+                "hefring_test_{}_{nanos}_{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            );
+            let mut admin = admin().await;
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            TestDb { name }
+        }
+
+        pub(crate) fn url(&self) -> String {
+            format!("{SERVER}/{}", self.name)
+        }
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            let name = self.name.clone();
+            // A runtime of its own on a thread of its own: this may run inside a test's runtime.
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    let mut admin = PgConnection::connect(&format!("{SERVER}/postgres"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    admin.close().await.map_err(|e| e.to_string())
+                })
+            })
+            .join();
+            match dropped {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("could not drop test database {}: {e}", self.name),
+                Err(_) => eprintln!("could not drop test database {}", self.name),
+            }
+        }
+    }
+
+    async fn fresh() -> (TestDb, PostgresStore) {
+        let db = TestDb::create().await;
+        let store = PostgresStore::connect(&db.url()).await.unwrap();
+        (db, store)
+    }
+
+    macro_rules! story {
+        ($($name:ident),+) => {$(
+            #[tokio::test]
+            async fn $name() {
+                let (db, store) = fresh().await;
+                super::$name(&store).await;
+                store.close().await;
+                drop(db);
+            }
+        )+};
+    }
+
+    story!(
+        per_subject_order,
+        expired_leases_are_taken_over,
+        duplicates_are_refused_while_active,
+        cancel_and_retry,
+        logs_in_order,
+        targets_page_newest_first
+    );
+
+    /// Several worker processes (a pool each) claiming at once: every operation is claimed
+    /// exactly once, one at a time per subject and in order, and no claim fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_workers_never_share_an_operation() {
+        let (db, store) = fresh().await;
+        const SUBJECTS: usize = 6;
+        const PER_SUBJECT: usize = 5;
+        for n in 0..PER_SUBJECT {
+            for s in 0..SUBJECTS {
+                let id = format!("op_{s}_{n}");
+                let op = new_op(&id, &format!("prj_{s}"), json!({ "n": n }));
+                store
+                    .create_operation(&op, (n * SUBJECTS + s) as i64)
+                    .await
+                    .unwrap();
+            }
+        }
+        let claims = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+        let running = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+        let mut workers = Vec::new();
+        for w in 0..8 {
+            let url = db.url();
+            let claims = claims.clone();
+            let running = running.clone();
+            workers.push(tokio::spawn(async move {
+                let store = PostgresStore::connect(&url).await.unwrap();
+                let owner = format!("w{w}");
+                let mut idle = 0;
+                while idle < 20 {
+                    let Some(op) = store.claim(&claim(&owner, 1_000, &[])).await.unwrap() else {
+                        idle += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    idle = 0;
+                    assert!(
+                        running.lock().unwrap().insert(op.subject_id.clone()),
+                        "two operations running on {}",
+                        op.subject_id
+                    );
+                    claims.lock().unwrap().push((op.id.clone(), owner.clone()));
+                    store.start_task(&op.id, &owner, 0, 1_001).await.unwrap();
+                    tokio::task::yield_now().await;
+                    running.lock().unwrap().remove(&op.subject_id);
+                    succeed(&store, &op.id, &owner, 1_002).await;
+                }
+                store.close().await;
+            }));
+        }
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        let claims = claims.lock().unwrap().clone();
+        assert_eq!(claims.len(), SUBJECTS * PER_SUBJECT, "{claims:?}");
+        let mut seen = std::collections::HashSet::new();
+        for (id, _) in &claims {
+            assert!(seen.insert(id.clone()), "{id} claimed twice");
+        }
+        for s in 0..SUBJECTS {
+            let order: Vec<&str> = claims
+                .iter()
+                .map(|(id, _)| id.as_str())
+                .filter(|id| id.starts_with(&format!("op_{s}_")))
+                .collect();
+            let expected: Vec<String> = (0..PER_SUBJECT).map(|n| format!("op_{s}_{n}")).collect();
+            assert_eq!(order, expected, "subject {s} out of order");
+        }
+        store.close().await;
+        drop(db);
+    }
+
+    /// The same calls on both backends leave identical records, state merges included.
+    #[tokio::test]
+    async fn records_match_sqlite() {
+        let (db, pg) = fresh().await;
+        let dir = tempfile::tempdir().unwrap();
+        let lite = SqliteStore::connect(&dir.path().join("state.db").to_string_lossy())
+            .await
+            .unwrap();
+        let mut ends = Vec::new();
+        for store in [&pg as &dyn Store, &lite as &dyn Store] {
+            let created = store
+                .create_operation(&new_op("op_m", "prj_m", json!({"ref": "main"})), 1)
+                .await
+                .unwrap();
+            store.claim(&claim("w", 2, &[])).await.unwrap().unwrap();
+            store.start_task("op_m", "w", 0, 3).await.unwrap();
+            let patch = json!({"build": {"dir": "/b", "keep": 1}, "gone": "soon", "n": [1]});
+            let done = TaskOutcome {
+                status: TaskStatus::Succeeded,
+                state_patch: Some(patch),
+            };
+            store
+                .finish_task("op_m", "w", 0, &done, None, 4)
+                .await
+                .unwrap();
+            let skipped = TaskOutcome {
+                status: TaskStatus::Skipped,
+                state_patch: Some(json!({"build": {"keep": null, "more": true}, "gone": null})),
+            };
+            store
+                .finish_task("op_m", "w", 1, &skipped, None, 5)
+                .await
+                .unwrap();
+            store
+                .begin_rollback(
+                    "op_m",
+                    "w",
+                    &["discard_build"],
+                    &json!({"_ending": {"status": "failed", "error": null}}),
+                )
+                .await
+                .unwrap();
+            let failed = OperationOutcome {
+                status: OperationStatus::Failed,
+                result: json!({"why": "x"}),
+                error: Some("boom".into()),
+            };
+            store
+                .finish_operation("op_m", "w", &failed, 6)
+                .await
+                .unwrap();
+            let ended = store.get_operation("op_m").await.unwrap().unwrap();
+            assert_eq!(
+                ended.state,
+                json!({"build": {"dir": "/b", "more": true}, "n": [1], "_ending": {"status": "failed"}})
+            );
+            let retried = store.retry_operation("op_m", false, 7).await.unwrap();
+            let listed = store
+                .list_operations(
+                    &OperationFilter {
+                        subject: Some("prj_m".into()),
+                        ..Default::default()
+                    },
+                    &Page {
+                        limit: 10,
+                        cursor: None,
+                    },
+                )
+                .await
+                .unwrap()
+                .items;
+            ends.push((created, ended, retried, listed));
+        }
+        assert_eq!(ends[0], ends[1]);
+        pg.close().await;
+        drop(db);
+    }
+
+    /// Two operations with the same key: the second is refused on create and on retry.
+    #[tokio::test]
+    async fn retry_into_an_active_duplicate_is_refused() {
+        let (db, store) = fresh().await;
+        store
+            .create_operation(&new_op("op_r1", "prj_r", json!({})), 1)
+            .await
+            .unwrap();
+        store.request_cancel("op_r1", 2).await.unwrap();
+        store
+            .create_operation(&new_op("op_r2", "prj_r", json!({})), 3)
+            .await
+            .unwrap();
+        match store.retry_operation("op_r1", false, 4).await {
+            Err(StoreError::Duplicate { existing }) => assert_eq!(existing, "op_r2"),
+            other => panic!("{other:?}"),
+        }
+        let op = store.get_operation("op_r1").await.unwrap().unwrap();
+        assert_eq!(op.status, OperationStatus::Cancelled, "nothing changed");
+        assert_eq!(op.attempt, 1);
+        match store
+            .create_operation(&new_op("op_r2", "prj_other", json!({})), 5)
+            .await
+        {
+            Err(StoreError::Conflict(msg)) => assert!(msg.contains("operations_pkey"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        store.close().await;
+        drop(db);
+    }
+
+    /// PostgreSQL text cannot hold NUL: such a log line is kept, with U+FFFD instead.
+    #[tokio::test]
+    async fn log_lines_with_nul_are_kept() {
+        let (db, store) = fresh().await;
+        let line = NewLogLine {
+            attempt: 1,
+            at: 1,
+            task: "t".into(),
+            stream: "stdout".into(),
+            text: "a\0b".into(),
+        };
+        store.append_logs("op_x", &[line]).await.unwrap();
+        let read = store.read_logs("op_x", 0, 10).await.unwrap();
+        assert_eq!(read[0].text, "a\u{FFFD}b");
+        store.close().await;
+        drop(db);
+    }
+
+    /// A test that fails still drops its database.
+    #[tokio::test]
+    async fn a_failed_test_still_drops_its_database() {
+        let name = Arc::new(Mutex::new(String::new()));
+        let seen = name.clone();
+        let failed = tokio::spawn(async move {
+            let (db, _store) = fresh().await;
+            *seen.lock().unwrap() = db.name.clone();
+            panic!("failing on purpose");
+        })
+        .await;
+        assert!(failed.is_err());
+        let name = name.lock().unwrap().clone();
+        let mut admin = admin().await;
+        let left: Option<String> =
+            sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname = $1")
+                .bind(&name)
+                .fetch_optional(&mut admin)
+                .await
+                .unwrap();
+        assert_eq!(left, None, "{name} was left behind");
+        admin.close().await.unwrap();
+    }
+
+    /// `connect` picks the backend from the URL.
+    #[tokio::test]
+    async fn connect_chooses_by_scheme() {
+        let db = TestDb::create().await;
+        let pg = crate::connect(&db.url()).await.unwrap();
+        pg.set_setting("k", "v").await.unwrap();
+        assert_eq!(pg.get_setting("k").await.unwrap().as_deref(), Some("v"));
+        drop(pg);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plain.db");
+        let lite = crate::connect(&path.to_string_lossy()).await.unwrap();
+        lite.set_setting("k", "1").await.unwrap();
+        drop(lite);
+        let url = format!("sqlite://{}", path.display());
+        let lite = crate::connect(&url).await.unwrap();
+        assert_eq!(lite.get_setting("k").await.unwrap().as_deref(), Some("1"));
+
+        match crate::connect("mysql://root:secret@db/hefring").await {
+            Err(StoreError::Unsupported(msg)) => {
+                assert!(msg.contains("\"mysql\""), "{msg}");
+                assert!(!msg.contains("secret"), "{msg}");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("mysql accepted"),
+        }
+        drop(db);
+    }
+}
