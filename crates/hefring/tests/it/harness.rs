@@ -58,6 +58,12 @@ impl Server {
         server
     }
 
+    /// The same server, called with another token.
+    pub fn with_token(mut self, token: String) -> Server {
+        self.token = token;
+        self
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }

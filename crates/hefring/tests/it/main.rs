@@ -6,4 +6,5 @@ mod cli;
 mod durability;
 mod harness;
 mod operations;
+mod postgres;
 mod ssh;
