@@ -4,6 +4,7 @@
 pub mod id;
 pub mod manifest;
 pub mod operation;
+pub mod render;
 pub mod target;
 pub mod validate;
 

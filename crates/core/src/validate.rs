@@ -168,6 +168,46 @@ pub fn relative_path(field: &str, value: &str) -> Result<(), FieldError> {
     }
 }
 
+/// An absolute path that Hefring writes into an nginx or PHP-FPM configuration file:
+/// refused unless it starts with '/', and refused if it holds anything a configuration parser
+/// could read as syntax (whitespace, quotes, `;`, `{`, `}`, `$`, `#`, `\`, control characters),
+/// glob characters (`*`, `?`, `[`, `]`: nginx and PHP-FPM expand `include` patterns with
+/// glob(3)), or a `.`/`..` segment, `//` or a trailing `/`. At most 1024 bytes.
+pub fn config_path(field: &str, value: &str) -> Result<(), FieldError> {
+    if !value.starts_with('/') {
+        return Err(FieldError::new(field, "must be an absolute path"));
+    }
+    if value.len() > 1024 {
+        return Err(FieldError::new(field, "must be at most 1024 bytes"));
+    }
+    if let Some(c) = value.chars().find(|&c| {
+        c.is_control()
+            || c.is_whitespace()
+            || matches!(
+                c,
+                '"' | '\'' | '`' | ';' | '{' | '}' | '$' | '#' | '\\' | '*' | '?' | '[' | ']'
+            )
+    }) {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "must not contain whitespace, quotes, ';', '{{', '}}', '$', '#', '\\', '*', '?', '[', ']' or control characters (found {c:?})"
+            ),
+        ));
+    }
+    let segments_ok = value == "/"
+        || value[1..]
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    if !segments_ok {
+        return Err(FieldError::new(
+            field,
+            "must not contain '.' or '..' segments, '//' or a trailing '/'",
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +301,49 @@ mod tests {
         }
     }
 
+    #[test]
+    fn config_paths() {
+        for ok in [
+            "/",
+            "/srv/hefring",
+            "/srv/hefring/envs/env_x/current/web",
+            "/a-b_c.d/e@f+g=h,i:j%k",
+        ] {
+            assert!(config_path("root", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "relative",
+            "/a b",
+            "/a\tb",
+            "/a\nb",
+            "/a;b",
+            "/a{b",
+            "/a}b",
+            "/a$b",
+            "/a#b",
+            "/a\"b",
+            "/a'b",
+            "/a*b",
+            "/a?b",
+            "/a[b]",
+            "/a\\b",
+            "/a\0b",
+            "/a\u{85}b",
+            "/a/../b",
+            "/a/./b",
+            "/a//b",
+            "/a/",
+            &format!("/{}", "a".repeat(1024)),
+        ] {
+            assert_eq!(
+                config_path("root", bad).unwrap_err().field,
+                "root",
+                "{bad:?}"
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn accepted_names_match_the_documented_regex(s in "\\PC{0,70}") {
@@ -279,6 +362,17 @@ mod tests {
                 prop_assert!(!s.starts_with('-'));
                 prop_assert!(!s.contains("::"));
                 prop_assert!(!s.chars().any(char::is_control));
+            }
+        }
+
+        #[test]
+        fn accepted_config_paths_hold_no_syntax(s in "/[a-z/.;{}$# \"'\\\\*?\\[\\]\n\t-]{0,20}") {
+            if config_path("p", &s).is_ok() {
+                let syntax = ";{}$#\"'\\*?[]";
+                let bad = |c: char| c.is_whitespace() || c.is_control() || syntax.contains(c);
+                prop_assert!(s.starts_with('/'));
+                prop_assert!(!s.split('/').any(|seg| seg == ".." || seg == "."));
+                prop_assert!(!s.chars().any(bad));
             }
         }
 

@@ -504,13 +504,39 @@ impl Engine {
     }
 }
 
+/// RFC 7396 merge patch, exactly what the store applies to the stored state (SQLite's
+/// `json_patch`), so the state in memory and the state a resumed run reads agree.
 fn merge(state: &mut Value, patch: &Value) {
-    if let (Some(state), Some(patch)) = (state.as_object_mut(), patch.as_object()) {
-        for (k, v) in patch {
-            state.insert(k.clone(), v.clone());
-        }
-    } else {
+    let Some(patch) = patch.as_object() else {
         *state = patch.clone();
+        return;
+    };
+    if !state.is_object() {
+        *state = Value::Object(Default::default());
+    }
+    let target = state.as_object_mut().expect("an object");
+    for (key, value) in patch {
+        if value.is_null() {
+            target.remove(key);
+        } else {
+            merge(target.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+    use serde_json::json;
+
+    #[test]
+    fn merge_is_rfc_7396() {
+        let mut state = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": 4});
+        merge(
+            &mut state,
+            &json!({"a": 5, "b": {"c": null, "x": 6}, "e": null, "f": [1]}),
+        );
+        assert_eq!(state, json!({"a": 5, "b": {"d": 3, "x": 6}, "f": [1]}));
     }
 }
 
