@@ -524,22 +524,6 @@ fn merge(state: &mut Value, patch: &Value) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::merge;
-    use serde_json::json;
-
-    #[test]
-    fn merge_is_rfc_7396() {
-        let mut state = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": 4});
-        merge(
-            &mut state,
-            &json!({"a": 5, "b": {"c": null, "x": 6}, "e": null, "f": [1]}),
-        );
-        assert_eq!(state, json!({"a": 5, "b": {"d": 3, "x": 6}, "f": [1]}));
-    }
-}
-
 fn rand_u16() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -559,3 +543,19 @@ fn crash_if_asked(task: &str) {
 
 #[cfg(not(feature = "fault-injection"))]
 fn crash_if_asked(_task: &str) {}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+    use serde_json::json;
+
+    #[test]
+    fn merge_is_rfc_7396() {
+        let mut state = json!({"a": 1, "b": {"c": 2, "d": 3}, "e": 4});
+        merge(
+            &mut state,
+            &json!({"a": 5, "b": {"c": null, "x": 6}, "e": null, "f": [1]}),
+        );
+        assert_eq!(state, json!({"a": 5, "b": {"d": 3, "x": 6}, "f": [1]}));
+    }
+}
