@@ -19,6 +19,7 @@ use hefring_store::Store;
 
 pub use auth::{hash_token, new_token};
 pub use error::ApiError;
+pub use submit::job_for;
 
 /// What every handler can reach.
 #[derive(Clone)]

@@ -44,12 +44,30 @@ pub async fn submit(
 
 /// Tells the workers; a lost announcement only delays the work (workers also poll).
 pub async fn announce(state: &AppState, record: &OperationRecord) {
-    let job = Job {
+    if let Err(e) = state.queue.publish(&job_for(record)).await {
+        tracing::warn!(operation = %record.id, error = %e, "could not announce the operation");
+    }
+}
+
+/// What the queue carries for an operation: its id, kind and queue, and as kwargs its inputs
+/// plus its subject id under the subject's type (`{"ref": "main", "project": ID}`).
+pub fn job_for(record: &OperationRecord) -> Job {
+    Job {
         operation_id: record.id.clone(),
         kind: record.kind.as_str().into(),
         queue: record.queue.clone(),
-    };
-    if let Err(e) = state.queue.publish(&job).await {
-        tracing::warn!(operation = %record.id, error = %e, "could not announce the operation");
+        kwargs: job_kwargs(record),
     }
+}
+
+fn job_kwargs(record: &OperationRecord) -> Value {
+    let mut kwargs = match &record.inputs {
+        Value::Object(map) => map.clone(),
+        _ => Default::default(),
+    };
+    kwargs.insert(
+        record.subject_type.as_str().into(),
+        Value::String(record.subject_id.clone()),
+    );
+    Value::Object(kwargs)
 }

@@ -54,6 +54,7 @@ async fn enqueue(store: &Arc<dyn Store>, queue: &EmbeddedQueue) -> (String, Inst
             operation_id: created.id.clone(),
             kind: "system_noop".into(),
             queue: created.queue,
+            kwargs: serde_json::json!({ "system": created.subject_id }),
         })
         .await
         .unwrap();

@@ -138,7 +138,7 @@ impl Engine {
             };
             match delivery {
                 Ok(delivery) => {
-                    if let Delivery::Operation(id) = &delivery {
+                    if let Delivery::Operation { id, .. } = &delivery {
                         if let Err(e) = self.claim_and_run(&owner, Some(id)).await {
                             tracing::warn!(operation = %id, error = %e, "claiming a delivered operation failed");
                         }

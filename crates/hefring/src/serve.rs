@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use hefring_core::operation::OperationKind;
 use hefring_core::{new_id, IdKind};
 use hefring_engine::{time::now_ms, Engine, EngineConfig};
-use hefring_queue::{EmbeddedQueue, Job, Queue};
+use hefring_queue::{EmbeddedQueue, Queue};
 use hefring_store::{NewOperation, Store, TargetRecord, TokenRecord};
 
 use crate::cli::{ServeArgs, StateArgs};
@@ -109,13 +109,7 @@ async fn register_local_target(
             tasks: kind.tasks().iter().map(|t| t.to_string()).collect(),
         };
         let op = store.create_operation(&op, now).await?;
-        let _ = queue
-            .publish(&Job {
-                operation_id: op.id,
-                kind: kind.as_str().into(),
-                queue: op.queue,
-            })
-            .await;
+        let _ = queue.publish(&hefring_api::job_for(&op)).await;
     }
     store.set_setting("local_target_registered", "1").await?;
     Ok(())

@@ -20,13 +20,16 @@ pub struct Job {
     pub operation_id: String,
     pub kind: String,
     pub queue: String,
+    /// The request's inputs plus the subject id under its type (`{"project": ID, ...}`):
+    /// what a Celery message carries as kwargs.
+    pub kwargs: serde_json::Value,
 }
 
 /// What a worker got from the queue.
 #[derive(Debug)]
 pub enum Delivery {
-    /// A specific operation to try to claim.
-    Operation(String),
+    /// A specific operation to try to claim; `tag` identifies the broker delivery to ack.
+    Operation { id: String, tag: u64 },
     /// Something may be ready (or the poll interval passed): claim whatever is claimable.
     Anything,
 }
@@ -94,6 +97,7 @@ mod tests {
             operation_id: "op_x".into(),
             kind: "system_noop".into(),
             queue: "hefring".into(),
+            kwargs: serde_json::json!({}),
         };
         queue.publish(&job).await.unwrap();
         let waited = waiter.await.unwrap();
