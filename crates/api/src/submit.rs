@@ -1,15 +1,12 @@
 //! Starting work: store the operation with its planned tasks, then tell the workers.
 
 use hefring_core::operation::OperationKind;
-use hefring_core::{new_id, IdKind};
 use hefring_queue::Job;
 use hefring_store::{NewOperation, OperationRecord};
 use serde_json::Value;
 
 use crate::error::ApiResult;
 use crate::AppState;
-
-pub const DEFAULT_QUEUE: &str = "hefring";
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -26,17 +23,7 @@ pub async fn submit(
     requested_by: &str,
 ) -> ApiResult<OperationRecord> {
     let now = now_ms();
-    let new = NewOperation {
-        id: new_id(IdKind::Operation, now),
-        kind,
-        subject_type: kind.subject_type(),
-        subject_id: subject_id.to_string(),
-        inputs,
-        requested_by: requested_by.to_string(),
-        parent_id: None,
-        queue: DEFAULT_QUEUE.into(),
-        tasks: kind.tasks().iter().map(|t| t.to_string()).collect(),
-    };
+    let new = NewOperation::planned(kind, subject_id, inputs, requested_by, now);
     let record = state.store.create_operation(&new, now).await?;
     announce(state, &record).await;
     Ok(record)

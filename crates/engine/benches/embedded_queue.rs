@@ -21,18 +21,14 @@ use tokio::sync::{watch, Notify};
 
 fn noop() -> NewOperation {
     let now = now_ms();
-    let kind = OperationKind::SystemNoop;
-    NewOperation {
-        id: new_id(IdKind::Operation, now),
-        kind,
-        subject_type: kind.subject_type(),
-        subject_id: new_id(IdKind::Subject, now),
-        inputs: serde_json::json!({}),
-        requested_by: "bench".into(),
-        parent_id: None,
-        queue: "hefring".into(),
-        tasks: kind.tasks().iter().map(|t| t.to_string()).collect(),
-    }
+    let subject = new_id(IdKind::Subject, now);
+    NewOperation::planned(
+        OperationKind::SystemNoop,
+        &subject,
+        serde_json::json!({}),
+        "bench",
+        now,
+    )
 }
 
 struct Probe {

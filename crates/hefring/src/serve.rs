@@ -96,18 +96,13 @@ async fn register_local_target(
     };
     if store.target_by_name("local").await?.is_none() {
         store.insert_target(&target).await?;
-        let kind = OperationKind::TargetVerify;
-        let op = NewOperation {
-            id: new_id(IdKind::Operation, now),
-            kind,
-            subject_type: kind.subject_type(),
-            subject_id: id,
-            inputs: serde_json::json!({}),
-            requested_by: "hefring".into(),
-            parent_id: None,
-            queue: "hefring".into(),
-            tasks: kind.tasks().iter().map(|t| t.to_string()).collect(),
-        };
+        let op = NewOperation::planned(
+            OperationKind::TargetVerify,
+            &id,
+            serde_json::json!({}),
+            "hefring",
+            now,
+        );
         let op = store.create_operation(&op, now).await?;
         let _ = queue.publish(&hefring_api::job_for(&op)).await;
     }

@@ -61,7 +61,32 @@ pub struct NewOperation {
     pub tasks: Vec<String>,
 }
 
+/// The queue every operation goes to unless it names a target's own queue.
+pub const DEFAULT_QUEUE: &str = "hefring";
+
 impl NewOperation {
+    /// A new operation of `kind` on `subject_id`, with the kind's planned tasks, on the
+    /// default queue.
+    pub fn planned(
+        kind: OperationKind,
+        subject_id: &str,
+        inputs: Value,
+        requested_by: &str,
+        now: i64,
+    ) -> Self {
+        NewOperation {
+            id: hefring_core::new_id(hefring_core::IdKind::Operation, now),
+            kind,
+            subject_type: kind.subject_type(),
+            subject_id: subject_id.to_string(),
+            inputs,
+            requested_by: requested_by.to_string(),
+            parent_id: None,
+            queue: DEFAULT_QUEUE.into(),
+            tasks: kind.tasks().iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
     /// What makes two requests "the same operation": kind, subject and inputs.
     pub fn dedupe_key(&self) -> String {
         format!(
