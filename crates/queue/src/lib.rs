@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Notify;
 
+pub mod amqp;
 pub mod celery;
 
 /// An operation that is ready, as announced to workers.
