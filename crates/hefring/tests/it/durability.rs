@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::harness::{attempts, statuses, Repo, Server};
+use crate::harness::{attempts, Repo, Server};
 
 /// `kill -9` while a build command runs: after a restart the operation resumes at that task
 /// (its second attempt, from a fresh checkout) and the tasks before it do not run again.
@@ -99,7 +99,7 @@ async fn a_crash_at_any_task_resumes_without_repeating_finished_tasks() {
             .map(|i| if i == crash_index { 2 } else { 1 })
             .collect();
         assert_eq!(counted, expected, "crash at {crash_at}: {done}");
-        assert_eq!(statuses(&done), ["succeeded"; 4]);
+        assert_eq!(crate::harness::statuses(&done), ["succeeded"; 4]);
         let (_, release) = server
             .get(&format!(
                 "/releases/{}",

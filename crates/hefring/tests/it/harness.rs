@@ -112,6 +112,7 @@ impl Server {
     }
 
     /// Waits for the process to exit on its own (after an injected crash).
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(30);
