@@ -30,22 +30,7 @@ impl Server {
             .prefix("hefring-it-")
             .tempdir()
             .unwrap();
-        let out = Command::new(BIN)
-            .args(["admin", "create-token", "--name", "tests", "--data-dir"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "create-token: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .to_string();
+        let token = create_token(dir.path(), &[]);
         let mut server = Server {
             child: None,
             url: String::new(),
@@ -241,6 +226,29 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `hefring admin create-token` for the state in `data_dir` (or the `--database-url` in
+/// `extra`): the token it prints on its last line.
+pub fn create_token(data_dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["admin", "create-token", "--name", "tests"])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "create-token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string()
 }
 
 /// The attempts of each task, by name.

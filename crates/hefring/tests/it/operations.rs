@@ -280,7 +280,8 @@ async fn a_failed_build_rolls_back_and_a_retry_resumes_at_the_failed_task_keepin
     );
     assert_eq!(body["error"]["code"], "conflict");
 
-    // From the start: every task runs again.
+    // Building the same commit again, with the flag gone: the ready release is reused, so
+    // the failing build command does not run at all.
     std::fs::remove_file(&flag).unwrap();
     let failed = build(&server, &project, "main").await;
     assert_eq!(

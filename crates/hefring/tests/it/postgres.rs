@@ -4,7 +4,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::harness::{Repo, Server};
+use crate::harness::{create_token, Repo, Server};
 
 struct Database(String);
 
@@ -64,30 +64,7 @@ async fn the_whole_system_runs_on_postgresql_state() {
         Server::start_with(&["--database-url", &url], &[("HEFRING_DATABASE_URL", &url)]).await;
     // The token was created in the data directory's SQLite by the harness: make one in
     // PostgreSQL too, through the same flag.
-    let out = Command::new(crate::harness::BIN)
-        .args([
-            "admin",
-            "create-token",
-            "--name",
-            "pg",
-            "--database-url",
-            &url,
-            "--data-dir",
-        ])
-        .arg(server.data_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
+    let token = create_token(server.data_dir(), &["--database-url", &url]);
     let server = server.with_token(token);
 
     let (_, targets) = server.get("/targets").await;
