@@ -1,6 +1,10 @@
 //! Store records to wire types.
 
-use hefring_store::{OperationRecord, ProjectRecord, ReleaseRecord, TargetRecord};
+use hefring_core::environment;
+use hefring_core::target::TargetSettings;
+use hefring_store::{
+    EnvironmentRecord, OperationRecord, ProjectRecord, ReleaseRecord, TargetRecord,
+};
 use hefring_wire as wire;
 
 /// RFC 3339 in UTC with exactly three fraction digits, so log lines align.
@@ -27,6 +31,19 @@ pub fn target(t: TargetRecord) -> wire::Target {
         web_user: t.web_user,
         host_key: t.host_key,
         inspection: t.inspection,
+        mariadb: wire::MariadbAdmin {
+            socket: t.settings.mariadb.socket,
+            host: t.settings.mariadb.host,
+            port: Some(t.settings.mariadb.port),
+            user: Some(t.settings.mariadb.user),
+            password: None,
+        },
+        postgresql: wire::PostgresqlAdmin {
+            host: Some(t.settings.postgresql.host),
+            port: Some(t.settings.postgresql.port),
+            user: Some(t.settings.postgresql.user),
+            password: None,
+        },
         created_at: timestamp(t.created_at),
         updated_at: timestamp(t.updated_at),
     }
@@ -101,5 +118,55 @@ pub fn operation(o: OperationRecord) -> wire::Operation {
                 finished_at: t.finished_at.map(timestamp),
             })
             .collect(),
+    }
+}
+
+/// A target's settings from what was asked, defaults for what was not.
+pub fn target_settings(
+    mariadb: Option<wire::MariadbAdmin>,
+    postgresql: Option<wire::PostgresqlAdmin>,
+) -> TargetSettings {
+    let mut settings = TargetSettings::default();
+    if let Some(m) = mariadb {
+        let admin = &mut settings.mariadb;
+        if m.socket.is_some() || m.host.is_some() {
+            admin.socket = m.socket;
+            admin.host = m.host;
+        }
+        admin.port = m.port.unwrap_or(admin.port);
+        admin.user = m.user.unwrap_or_else(|| admin.user.clone());
+        admin.password = m.password;
+    }
+    if let Some(p) = postgresql {
+        let admin = &mut settings.postgresql;
+        admin.host = p.host.unwrap_or_else(|| admin.host.clone());
+        admin.port = p.port.unwrap_or(admin.port);
+        admin.user = p.user.unwrap_or_else(|| admin.user.clone());
+        admin.password = p.password;
+    }
+    settings
+}
+
+pub fn environment(e: EnvironmentRecord, target: &TargetRecord) -> wire::Environment {
+    wire::Environment {
+        url: environment::url(&e.domain, e.https, target.http_port, target.https_port),
+        id: e.id,
+        name: e.name,
+        project: e.project_id,
+        target: e.target_id,
+        domain: e.domain,
+        aliases: e
+            .aliases
+            .into_iter()
+            .map(|a| wire::Alias {
+                domain: a.domain,
+                redirect: a.redirect,
+            })
+            .collect(),
+        https: e.https.as_str().into(),
+        release: e.release_id,
+        status: e.status,
+        created_at: timestamp(e.created_at),
+        updated_at: timestamp(e.updated_at),
     }
 }

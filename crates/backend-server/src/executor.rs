@@ -23,12 +23,26 @@ impl Stream {
     }
 }
 
-/// A command to run: an argument vector, a working directory and extra environment.
-#[derive(Clone, Debug, Default)]
+/// A command to run: an argument vector, a working directory, extra environment, and text
+/// for its standard input (secrets travel there or in the environment, never in argv).
+#[derive(Clone, Default)]
 pub struct CommandSpec {
     pub argv: Vec<String>,
     pub cwd: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    pub stdin: Option<String>,
+}
+
+impl std::fmt::Debug for CommandSpec {
+    // The environment and standard input may hold secrets: only their names and size show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandSpec")
+            .field("argv", &self.argv)
+            .field("cwd", &self.cwd)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("stdin_bytes", &self.stdin.as_ref().map(String::len))
+            .finish()
+    }
 }
 
 impl CommandSpec {
@@ -52,6 +66,23 @@ impl CommandSpec {
         self.env.push((key.into(), value.into()));
         self
     }
+
+    pub fn envs(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.env.extend(vars);
+        self
+    }
+
+    pub fn stdin(mut self, text: impl Into<String>) -> Self {
+        self.stdin = Some(text.into());
+        self
+    }
+}
+
+/// What a child reads on its standard input.
+pub(crate) enum Input {
+    Nothing,
+    Bytes(Vec<u8>),
+    File(std::fs::File),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +110,10 @@ pub trait Executor: Send + Sync {
     /// exit code (`None` when killed by a signal). Dropping the future kills the command and
     /// everything it started.
     async fn run(&self, spec: &CommandSpec, sink: LineSink<'_>) -> Result<Option<i32>, ExecError>;
+
+    /// Copies a local file to `remote` on the target, atomically (a partial copy never has
+    /// the final name). The parent directory must exist.
+    async fn upload(&self, local: &std::path::Path, remote: &str) -> Result<(), ExecError>;
 }
 
 /// Runs commands on this machine.
@@ -97,7 +132,22 @@ impl Executor for LocalExecutor {
             command.current_dir(cwd);
         }
         command.envs(spec.env.iter().map(|(k, v)| (k, v)));
-        run_child(command, program, None, sink).await
+        let input = match &spec.stdin {
+            Some(text) => Input::Bytes(text.clone().into_bytes()),
+            None => Input::Nothing,
+        };
+        run_child(command, program, input, sink).await
+    }
+
+    async fn upload(&self, local: &std::path::Path, remote: &str) -> Result<(), ExecError> {
+        let io_err = |source| ExecError::Io {
+            program: "copy".into(),
+            source,
+        };
+        let partial = format!("{remote}.part");
+        tokio::fs::copy(local, &partial).await.map_err(io_err)?;
+        tokio::fs::rename(&partial, remote).await.map_err(io_err)?;
+        Ok(())
     }
 }
 
@@ -119,15 +169,16 @@ impl Drop for GroupKiller {
 pub(crate) async fn run_child(
     mut command: Command,
     program: &str,
-    stdin: Option<Vec<u8>>,
+    stdin: Input,
     sink: LineSink<'_>,
 ) -> Result<Option<i32>, ExecError> {
+    let (stdio, bytes) = match stdin {
+        Input::Nothing => (Stdio::null(), None),
+        Input::Bytes(bytes) => (Stdio::piped(), Some(bytes)),
+        Input::File(file) => (Stdio::from(file), None),
+    };
     command
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(stdio)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -142,7 +193,7 @@ pub(crate) async fn run_child(
         program: program.into(),
         source,
     };
-    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+    if let (Some(bytes), Some(mut pipe)) = (bytes, child.stdin.take()) {
         pipe.write_all(&bytes).await.map_err(io_err)?;
         drop(pipe);
     }

@@ -8,9 +8,10 @@
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
-use crate::executor::{run_child, CommandSpec, ExecError, Executor, LineSink};
+use crate::executor::{run_child, CommandSpec, ExecError, Executor, Input, LineSink};
 
 /// The installation's SSH key pair (`DATA_DIR/ssh/id_ed25519`).
 #[derive(Clone, Debug)]
@@ -118,14 +119,27 @@ fn remote_script(spec: &CommandSpec) -> Result<String, ExecError> {
         script.push(' ');
         script.push_str(&shell_quote(word));
     }
-    script.push_str(" </dev/null\n");
+    match &spec.stdin {
+        None => script.push_str(" </dev/null\n"),
+        Some(text) => {
+            // A here-document whose delimiter is derived from the text, so the text cannot
+            // contain it. The shell adds a final newline if the text lacks one.
+            let digest = Sha256::digest(text.as_bytes());
+            let delimiter = format!("HEFRING_STDIN_{}", hex::encode(&digest[..12]));
+            script.push_str(&format!(" <<'{delimiter}'\n{text}"));
+            if !text.is_empty() && !text.ends_with('\n') {
+                script.push('\n');
+            }
+            script.push_str(&delimiter);
+            script.push('\n');
+        }
+    }
     Ok(script)
 }
 
-#[async_trait]
-impl Executor for SshExecutor {
-    async fn run(&self, spec: &CommandSpec, sink: LineSink<'_>) -> Result<Option<i32>, ExecError> {
-        let script = remote_script(spec)?;
+impl SshExecutor {
+    /// The ssh command up to (and including) the host; the remote command follows.
+    async fn ssh_command(&self) -> Result<Command, ExecError> {
         self.prepare_known_hosts()
             .await
             .map_err(|source| ExecError::Io {
@@ -159,9 +173,39 @@ impl Executor for SshExecutor {
             .arg("-l")
             .arg(&self.user)
             .arg("--")
-            .arg(&self.host)
-            .args(["sh", "-s"]);
-        run_child(command, "ssh", Some(script.into_bytes()), sink).await
+            .arg(&self.host);
+        Ok(command)
+    }
+}
+
+#[async_trait]
+impl Executor for SshExecutor {
+    async fn run(&self, spec: &CommandSpec, sink: LineSink<'_>) -> Result<Option<i32>, ExecError> {
+        let script = remote_script(spec)?;
+        let mut command = self.ssh_command().await?;
+        command.args(["sh", "-s"]);
+        run_child(command, "ssh", Input::Bytes(script.into_bytes()), sink).await
+    }
+
+    async fn upload(&self, local: &std::path::Path, remote: &str) -> Result<(), ExecError> {
+        let file = std::fs::File::open(local).map_err(|source| ExecError::Io {
+            program: "ssh".into(),
+            source,
+        })?;
+        let mut command = self.ssh_command().await?;
+        // One argument: the remote shell reads it as a command line.
+        let quoted = shell_quote(remote);
+        let partial = shell_quote(&format!("{remote}.part"));
+        command.arg(format!("cat > {partial} && mv -f {partial} {quoted}"));
+        let errors = std::sync::Mutex::new(Vec::new());
+        let sink = |_: crate::executor::Stream, line: String| errors.lock().unwrap().push(line);
+        match run_child(command, "ssh", Input::File(file), &sink).await? {
+            Some(0) => Ok(()),
+            code => Err(ExecError::Invalid(format!(
+                "copying to {remote} failed ({code:?}): {}",
+                errors.into_inner().unwrap().join("; ")
+            ))),
+        }
     }
 }
 

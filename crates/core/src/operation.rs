@@ -47,6 +47,10 @@ string_enum!(
         TargetDelete => "target_delete",
         ProjectVerify => "project_verify",
         ReleaseBuild => "release_build",
+        EnvironmentDeploy => "environment_deploy",
+        EnvironmentUpdate => "environment_update",
+        EnvironmentDelete => "environment_delete",
+        EnvironmentVerify => "environment_verify",
         SystemNoop => "system_noop",
     }
 );
@@ -82,6 +86,10 @@ impl OperationKind {
         match self {
             OperationKind::TargetVerify | OperationKind::TargetDelete => SubjectType::Target,
             OperationKind::ProjectVerify | OperationKind::ReleaseBuild => SubjectType::Project,
+            OperationKind::EnvironmentDeploy
+            | OperationKind::EnvironmentUpdate
+            | OperationKind::EnvironmentDelete
+            | OperationKind::EnvironmentVerify => SubjectType::Environment,
             OperationKind::SystemNoop => SubjectType::System,
         }
     }
@@ -99,6 +107,39 @@ impl OperationKind {
                 "run_build_commands",
                 "pack_artifact",
             ],
+            OperationKind::EnvironmentDeploy => &[
+                "prepare_target",
+                "create_database",
+                "create_files_directory",
+                "unpack_release",
+                "obtain_certificate",
+                "write_pool",
+                "write_server_block",
+                "run_install_commands",
+                "switch_release",
+                "check_health",
+            ],
+            // The new release is checked through a preview server block before anything the
+            // site serves changes; the safety dump comes before the deploy commands touch
+            // the database.
+            OperationKind::EnvironmentUpdate => &[
+                "prepare_target",
+                "unpack_release",
+                "check_preview",
+                "dump_database",
+                "switch_release",
+                "run_deploy_commands",
+                "check_health",
+                "prune_releases",
+            ],
+            OperationKind::EnvironmentDelete => &[
+                "remove_server_block",
+                "remove_pool",
+                "drop_database",
+                "remove_files",
+                "mark_deleted",
+            ],
+            OperationKind::EnvironmentVerify => &["check_servers", "check_health"],
             OperationKind::SystemNoop => &["noop"],
         }
     }
@@ -107,6 +148,9 @@ impl OperationKind {
     pub fn rollback_tasks(self) -> &'static [&'static str] {
         match self {
             OperationKind::ReleaseBuild => &["discard_build"],
+            // Back to the release that served before, with the database as it was if the
+            // deploy commands had run.
+            OperationKind::EnvironmentUpdate => &["switch_back"],
             _ => &[],
         }
     }

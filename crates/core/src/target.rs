@@ -59,6 +59,130 @@ impl Host {
     }
 }
 
+/// How Hefring reaches a server target's database servers as an administrator, to create and
+/// drop each environment's database and user. Passwords here never leave the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TargetSettings {
+    pub mariadb: MariadbAdmin,
+    pub postgresql: PostgresqlAdmin,
+}
+
+/// MariaDB (or MySQL) administration: by default root over the unix socket, as Debian sets up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MariadbAdmin {
+    /// The unix socket; when set, `host` is not used and sites connect to `localhost`.
+    pub socket: Option<String>,
+    pub host: Option<String>,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl Default for MariadbAdmin {
+    fn default() -> Self {
+        MariadbAdmin {
+            socket: Some("/run/mysqld/mysqld.sock".into()),
+            host: None,
+            port: 3306,
+            user: "root".into(),
+            password: None,
+        }
+    }
+}
+
+impl MariadbAdmin {
+    /// The host name sites use: `localhost` (the socket) or the configured host.
+    pub fn site_host(&self) -> String {
+        match (&self.socket, &self.host) {
+            (Some(_), _) | (None, None) => "localhost".into(),
+            (None, Some(host)) => host.clone(),
+        }
+    }
+}
+
+/// PostgreSQL administration: by default `postgres` on 127.0.0.1:5432.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresqlAdmin {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl Default for PostgresqlAdmin {
+    fn default() -> Self {
+        PostgresqlAdmin {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: None,
+        }
+    }
+}
+
+impl TargetSettings {
+    /// Refuses values that could be read as options or that no server accepts.
+    pub fn check(&self) -> Result<(), FieldError> {
+        let word = |field: &str, value: &str| {
+            let ok = !value.is_empty()
+                && value.len() <= 255
+                && !value.starts_with('-')
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'));
+            if ok {
+                Ok(())
+            } else {
+                Err(FieldError::new(
+                    field,
+                    "must be letters, digits, '.', '_', '-' or ':', not starting with '-'",
+                ))
+            }
+        };
+        let secret = |field: &str, value: &str| {
+            if value.is_empty() || value.chars().any(|c| c.is_control()) {
+                Err(FieldError::new(
+                    field,
+                    "must be non-empty, without control characters",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if let Some(socket) = &self.mariadb.socket {
+            crate::validate::config_path("mariadb.socket", socket)?;
+        }
+        if let Some(host) = &self.mariadb.host {
+            word("mariadb.host", host)?;
+        }
+        word("mariadb.user", &self.mariadb.user)?;
+        if let Some(p) = &self.mariadb.password {
+            secret("mariadb.password", p)?;
+        }
+        if self.mariadb.port == 0 {
+            return Err(FieldError::new(
+                "mariadb.port",
+                "must be a port from 1 to 65535",
+            ));
+        }
+        word("postgresql.host", &self.postgresql.host)?;
+        word("postgresql.user", &self.postgresql.user)?;
+        if let Some(p) = &self.postgresql.password {
+            secret("postgresql.password", p)?;
+        }
+        if self.postgresql.port == 0 {
+            return Err(FieldError::new(
+                "postgresql.port",
+                "must be a port from 1 to 65535",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Tools an environment on a server target cannot do without.
 pub const REQUIRED_TOOLS: &[&str] = &["sh", "tar", "nginx", "php-fpm", "php"];
 /// Tools reported when present; an environment that needs one fails its own checks.

@@ -90,6 +90,13 @@ pub enum Command {
         #[command(subcommand)]
         command: ReleaseCommand,
     },
+    /// Environments: sites of a project on a target.
+    Env {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: EnvCommand,
+    },
     /// Operations: what Hefring does, with their tasks and logs.
     Op {
         #[command(flatten)]
@@ -212,6 +219,68 @@ pub enum ReleaseCommand {
     },
     Show {
         release: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnvCommand {
+    /// Create an environment; deploy a release to it next.
+    Create {
+        name: String,
+        /// The project (name or id).
+        #[arg(long)]
+        project: String,
+        /// The target (name or id).
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        domain: String,
+        /// Another host name serving the site; repeat for more.
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+        /// Another host name answering 301 to the domain; repeat for more.
+        #[arg(long = "redirect")]
+        redirects: Vec<String>,
+        /// off, on or required.
+        #[arg(long)]
+        https: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+    },
+    Show {
+        environment: String,
+    },
+    /// Deploy a release to a new environment.
+    Deploy {
+        environment: String,
+        #[arg(long)]
+        release: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Update a deployed environment to another release, with zero downtime.
+    Update {
+        environment: String,
+        #[arg(long)]
+        release: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Check the environment's servers and health.
+    Verify {
+        environment: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Delete the environment and everything it created on its target.
+    Rm {
+        environment: String,
+        #[command(flatten)]
+        follow: Follow,
     },
 }
 

@@ -5,12 +5,14 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use hefring_wire::{ErrorBody, List, Operation, Project, Release, Target};
+use hefring_wire::{Environment, ErrorBody, List, Operation, Project, Release, Target};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::cli::{ClientArgs, OpCommand, Output, ProjectCommand, ReleaseCommand, TargetCommand};
+use crate::cli::{
+    ClientArgs, EnvCommand, OpCommand, Output, ProjectCommand, ReleaseCommand, TargetCommand,
+};
 
 struct Client {
     http: reqwest::Client,
@@ -434,6 +436,158 @@ pub async fn release(args: ClientArgs, command: ReleaseCommand) -> Result<i32> {
                 .send(Method::GET, &format!("/releases/{release}"), None)
                 .await?;
             client.print(&value, || show_fields(&value));
+        }
+    }
+    Ok(0)
+}
+
+impl Client {
+    /// An environment given by id or by name (names are unique per project only).
+    async fn resolve_environment(&self, given: &str) -> Result<String> {
+        if given.starts_with("env_") {
+            return Ok(given.to_string());
+        }
+        let mut found = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/environments?limit=500&cursor={c}"),
+                None => "/environments?limit=500".to_string(),
+            };
+            let (list, _): (List<Environment>, _) = self.get(&path).await?;
+            found.extend(list.items.into_iter().filter(|e| e.name == given));
+            match list.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        match found.as_slice() {
+            [] => bail!("no environment named {given}"),
+            [one] => Ok(one.id.clone()),
+            many => bail!(
+                "{} environments are named {given}: give the id ({})",
+                many.len(),
+                many.iter()
+                    .map(|e| e.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
+pub async fn environment(args: ClientArgs, command: EnvCommand) -> Result<i32> {
+    let client = Client::new(args);
+    match command {
+        EnvCommand::Create {
+            name,
+            project,
+            target,
+            domain,
+            aliases,
+            redirects,
+            https,
+        } => {
+            let project = client.resolve("projects", "prj_", &project).await?;
+            let target = client.resolve("targets", "tgt_", &target).await?;
+            let aliases: Vec<Value> = aliases
+                .iter()
+                .map(|d| json!({ "domain": d, "redirect": false }))
+                .chain(
+                    redirects
+                        .iter()
+                        .map(|d| json!({ "domain": d, "redirect": true })),
+                )
+                .collect();
+            let body = strip_nulls(json!({ "name": name, "project": project, "target": target,
+                "domain": domain, "aliases": aliases, "https": https }));
+            let value = client
+                .send(Method::POST, "/environments", Some(body))
+                .await?;
+            let e: Environment = serde_json::from_value(value.clone())?;
+            client.print(&value, || println!("{} {} {}", e.id, e.name, e.url));
+        }
+        EnvCommand::List { project, target } => {
+            let mut path = "/environments?limit=500".to_string();
+            if let Some(p) = project {
+                path.push_str(&format!(
+                    "&project={}",
+                    client.resolve("projects", "prj_", &p).await?
+                ));
+            }
+            if let Some(t) = target {
+                path.push_str(&format!(
+                    "&target={}",
+                    client.resolve("targets", "tgt_", &t).await?
+                ));
+            }
+            let (list, value): (List<Environment>, _) = client.get(&path).await?;
+            client.print(&value, || {
+                table(
+                    &["id", "name", "status", "url", "release"],
+                    list.items
+                        .into_iter()
+                        .map(|e| vec![e.id, e.name, e.status, e.url, e.release.unwrap_or_default()])
+                        .collect(),
+                )
+            });
+        }
+        EnvCommand::Show { environment } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(Method::GET, &format!("/environments/{id}"), None)
+                .await?;
+            client.print(&value, || show_fields(&value));
+        }
+        EnvCommand::Deploy {
+            environment,
+            release,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/environments/{id}/deploy"),
+                    Some(json!({ "release": release })),
+                )
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Update {
+            environment,
+            release,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/environments/{id}/update"),
+                    Some(json!({ "release": release })),
+                )
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Verify {
+            environment,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(Method::POST, &format!("/environments/{id}/verify"), None)
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Rm {
+            environment,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(Method::DELETE, &format!("/environments/{id}"), None)
+                .await?;
+            return client.started(value, follow.follow).await;
         }
     }
     Ok(0)

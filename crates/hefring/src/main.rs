@@ -37,6 +37,7 @@ fn main() {
             Command::Target { client, command } => client::target(client, command).await,
             Command::Project { client, command } => client::project(client, command).await,
             Command::Release { client, command } => client::release(client, command).await,
+            Command::Env { client, command } => client::environment(client, command).await,
             Command::Op { client, command } => client::op(client, command).await,
         }
     });

@@ -81,16 +81,14 @@ async fn register_local_target(
         kind: "server".into(),
         status: "new".into(),
         host: "local".into(),
-        root: data_dir
-            .join("targets")
-            .join(&id)
-            .to_string_lossy()
-            .into_owned(),
+        // Short: PHP-FPM's sockets live below the root, and a socket path holds 107 bytes.
+        root: data_dir.join("local").to_string_lossy().into_owned(),
         http_port: 80,
         https_port: 443,
         web_user: "www-data".into(),
         host_key: None,
         inspection: None,
+        settings: Default::default(),
         created_at: now,
         updated_at: now,
     };

@@ -51,6 +51,11 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// JSON text of a value the store keeps in a TEXT column.
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("records serialise to JSON")
+}
+
 /// Opens the store a database URL names, bringing its schema up to date: `sqlite:…` or a plain
 /// path is SQLite (the file is created if needed), `postgres://…` or `postgresql://…` is
 /// PostgreSQL. Any other scheme is [`StoreError::Unsupported`].
@@ -149,7 +154,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Listed<ReleaseRecord>>;
     async fn update_release(&self, release: &ReleaseRecord) -> Result<()>;
 
-    // Environments (the read side other entities need)
+    // Environments
+    async fn insert_environment(&self, environment: &EnvironmentRecord) -> Result<()>;
+    async fn get_environment(&self, id: &str) -> Result<Option<EnvironmentRecord>>;
+    /// Newest first, like every list.
+    async fn list_environments(
+        &self,
+        filter: &EnvironmentFilter,
+        page: &Page,
+    ) -> Result<Listed<EnvironmentRecord>>;
+    async fn update_environment(&self, environment: &EnvironmentRecord) -> Result<()>;
     async fn environments_running(&self, release: &str) -> Result<Vec<String>>;
     async fn environments_on_target(&self, target: &str) -> Result<Vec<String>>;
 

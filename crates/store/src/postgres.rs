@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use hefring_core::operation::{
     self as op, OperationEvent, OperationKind, OperationStatus, SubjectType, TaskStatus,
 };
+use hefring_core::render::Https;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
@@ -151,6 +152,30 @@ fn target_from_row(row: &PgRow) -> Result<TargetRecord> {
         web_user: row.try_get("web_user")?,
         host_key: row.try_get("host_key")?,
         inspection: opt_json_col(row, "inspection")?,
+        settings: typed_json_col(row, "settings")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn typed_json_col<T: serde::de::DeserializeOwned>(row: &PgRow, col: &str) -> Result<T> {
+    serde_json::from_value(json_col(row, col)?)
+        .map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn environment_from_row(row: &PgRow) -> Result<EnvironmentRecord> {
+    Ok(EnvironmentRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        project_id: row.try_get("project_id")?,
+        target_id: row.try_get("target_id")?,
+        release_id: row.try_get("release_id")?,
+        domain: row.try_get("domain")?,
+        aliases: typed_json_col(row, "aliases")?,
+        https: parse_enum(row, "https", Https::parse)?,
+        status: row.try_get("status")?,
+        secrets: json_col(row, "secrets")?,
+        resources: json_col(row, "resources")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -532,8 +557,8 @@ impl Store for PostgresStore {
     async fn insert_target(&self, t: &TargetRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO targets (id, name, kind, status, host, root, http_port, https_port,
-                web_user, host_key, inspection, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                web_user, host_key, inspection, settings, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&t.id)
         .bind(&t.name)
@@ -546,6 +571,7 @@ impl Store for PostgresStore {
         .bind(&t.web_user)
         .bind(&t.host_key)
         .bind(t.inspection.as_ref().map(Value::to_string))
+        .bind(to_json(&t.settings))
         .bind(t.created_at)
         .bind(t.updated_at)
         .execute(&self.pool)
@@ -587,12 +613,13 @@ impl Store for PostgresStore {
 
     async fn update_target(&self, t: &TargetRecord) -> Result<()> {
         let done = sqlx::query(
-            "UPDATE targets SET status = $1, host_key = $2, inspection = $3, updated_at = $4
-             WHERE id = $5",
+            "UPDATE targets SET status = $1, host_key = $2, inspection = $3, settings = $4,
+                updated_at = $5 WHERE id = $6",
         )
         .bind(&t.status)
         .bind(&t.host_key)
         .bind(t.inspection.as_ref().map(Value::to_string))
+        .bind(to_json(&t.settings))
         .bind(t.updated_at)
         .bind(&t.id)
         .execute(&self.pool)
@@ -747,6 +774,98 @@ impl Store for PostgresStore {
         .bind(&r.id)
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    async fn insert_environment(&self, e: &EnvironmentRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO environments (id, name, project_id, target_id, release_id, domain, aliases,
+                https, status, secrets, resources, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&e.id)
+        .bind(&e.name)
+        .bind(&e.project_id)
+        .bind(&e.target_id)
+        .bind(&e.release_id)
+        .bind(&e.domain)
+        .bind(to_json(&e.aliases))
+        .bind(e.https.as_str())
+        .bind(&e.status)
+        .bind(e.secrets.to_string())
+        .bind(e.resources.to_string())
+        .bind(e.created_at)
+        .bind(e.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|err| match unique_violation(&err) {
+            Some(_) if violated_constraint(&err) == Some("environments_domain") => {
+                StoreError::Conflict("another environment already uses this domain".into())
+            }
+            Some(_) => StoreError::Conflict(
+                "an environment with this name already exists in the project".into(),
+            ),
+            None => StoreError::Database(err),
+        })?;
+        Ok(())
+    }
+
+    async fn get_environment(&self, id: &str) -> Result<Option<EnvironmentRecord>> {
+        sqlx::query("SELECT * FROM environments WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(environment_from_row)
+            .transpose()
+    }
+
+    async fn list_environments(
+        &self,
+        filter: &EnvironmentFilter,
+        page: &Page,
+    ) -> Result<Listed<EnvironmentRecord>> {
+        let mut qb = QueryBuilder::new("SELECT * FROM environments WHERE 1 = 1");
+        for (column, value) in [
+            (" AND project_id = ", &filter.project),
+            (" AND target_id = ", &filter.target),
+            (" AND release_id = ", &filter.release),
+        ] {
+            if let Some(value) = value {
+                qb.push(column).push_bind(value.as_str());
+            }
+        }
+        if !filter.include_deleted {
+            qb.push(" AND status != 'deleted'");
+        }
+        push_page(&mut qb, page, true);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        let items = rows
+            .iter()
+            .map(environment_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(paged(items, page, |e| &e.id))
+    }
+
+    async fn update_environment(&self, e: &EnvironmentRecord) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE environments SET release_id = $1, domain = $2, aliases = $3, https = $4,
+                status = $5, secrets = $6, resources = $7, updated_at = $8 WHERE id = $9",
+        )
+        .bind(&e.release_id)
+        .bind(&e.domain)
+        .bind(to_json(&e.aliases))
+        .bind(e.https.as_str())
+        .bind(&e.status)
+        .bind(e.secrets.to_string())
+        .bind(e.resources.to_string())
+        .bind(e.updated_at)
+        .bind(&e.id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
         Ok(())
     }
 

@@ -1,6 +1,9 @@
 //! Rows as the rest of Hefring sees them. Timestamps are milliseconds since the epoch.
 
 use hefring_core::operation::{OperationKind, OperationStatus, SubjectType, TaskStatus};
+use hefring_core::render::nginx::Alias;
+use hefring_core::render::Https;
+use hefring_core::target::TargetSettings;
 use serde_json::Value;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -16,8 +19,38 @@ pub struct TargetRecord {
     pub web_user: String,
     pub host_key: Option<String>,
     pub inspection: Option<Value>,
+    /// Database admin connections (with their passwords: never shown).
+    pub settings: TargetSettings,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// One site of a project on a target. What Hefring generated for it (`secrets`) and what it
+/// created on the target (`resources`) stay in the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnvironmentRecord {
+    pub id: String,
+    pub name: String,
+    pub project_id: String,
+    pub target_id: String,
+    pub release_id: Option<String>,
+    pub domain: String,
+    pub aliases: Vec<Alias>,
+    pub https: Https,
+    pub status: String,
+    pub secrets: Value,
+    pub resources: Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// Which environments a list shows; `None` fields do not narrow it.
+#[derive(Clone, Debug, Default)]
+pub struct EnvironmentFilter {
+    pub project: Option<String>,
+    pub target: Option<String>,
+    pub release: Option<String>,
+    pub include_deleted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use hefring_core::operation::{
     self as op, OperationEvent, OperationKind, OperationStatus, SubjectType, TaskStatus,
 };
+use hefring_core::render::Https;
 use rusqlite::types::Value as Sql;
 use rusqlite::{
     params, params_from_iter, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior,
@@ -217,6 +218,30 @@ fn target_from_row(row: &Row) -> Result<TargetRecord> {
         web_user: row.get("web_user")?,
         host_key: row.get("host_key")?,
         inspection: opt_json_col(row, "inspection")?,
+        settings: typed_json_col(row, "settings")?,
+        created_at: row.get("created_at")?,
+        updated_at: row.get("updated_at")?,
+    })
+}
+
+fn typed_json_col<T: serde::de::DeserializeOwned>(row: &Row, col: &str) -> Result<T> {
+    serde_json::from_value(json_col(row, col)?)
+        .map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn environment_from_row(row: &Row) -> Result<EnvironmentRecord> {
+    Ok(EnvironmentRecord {
+        id: row.get("id")?,
+        name: row.get("name")?,
+        project_id: row.get("project_id")?,
+        target_id: row.get("target_id")?,
+        release_id: row.get("release_id")?,
+        domain: row.get("domain")?,
+        aliases: typed_json_col(row, "aliases")?,
+        https: parse_enum(row, "https", Https::parse)?,
+        status: row.get("status")?,
+        secrets: json_col(row, "secrets")?,
+        resources: json_col(row, "resources")?,
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
     })
@@ -450,8 +475,8 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO targets (id, name, kind, status, host, root, http_port, https_port,
-                    web_user, host_key, inspection, created_at, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    web_user, host_key, inspection, settings, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )?
             .execute(params![
                 t.id,
@@ -465,6 +490,7 @@ impl Store for SqliteStore {
                 t.web_user,
                 t.host_key,
                 t.inspection.as_ref().map(Value::to_string),
+                to_json(&t.settings),
                 t.created_at,
                 t.updated_at
             ])
@@ -521,9 +547,17 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let done = conn
                 .prepare_cached(
-                    "UPDATE targets SET status = ?, host_key = ?, inspection = ?, updated_at = ? WHERE id = ?",
+                    "UPDATE targets SET status = ?, host_key = ?, inspection = ?, settings = ?, updated_at = ?
+                     WHERE id = ?",
                 )?
-                .execute(params![t.status, t.host_key, t.inspection.as_ref().map(Value::to_string), t.updated_at, t.id])?;
+                .execute(params![
+                    t.status,
+                    t.host_key,
+                    t.inspection.as_ref().map(Value::to_string),
+                    to_json(&t.settings),
+                    t.updated_at,
+                    t.id
+                ])?;
             if done == 0 {
                 return Err(StoreError::NotFound);
             }
@@ -716,6 +750,113 @@ impl Store for SqliteStore {
                 r.updated_at,
                 r.id
             ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn insert_environment(&self, e: &EnvironmentRecord) -> Result<()> {
+        let e = e.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO environments (id, name, project_id, target_id, release_id, domain, aliases,
+                    https, status, secrets, resources, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )?
+            .execute(params![
+                e.id,
+                e.name,
+                e.project_id,
+                e.target_id,
+                e.release_id,
+                e.domain,
+                to_json(&e.aliases),
+                e.https.as_str(),
+                e.status,
+                e.secrets.to_string(),
+                e.resources.to_string(),
+                e.created_at,
+                e.updated_at
+            ])
+            .map_err(|err| match unique_violation(&err) {
+                Some(msg) if msg.contains("domain") => {
+                    StoreError::Conflict("another environment already uses this domain".into())
+                }
+                Some(_) => StoreError::Conflict(
+                    "an environment with this name already exists in the project".into(),
+                ),
+                None => err.into(),
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_environment(&self, id: &str) -> Result<Option<EnvironmentRecord>> {
+        let id = id.to_string();
+        self.read(move |conn| {
+            query_one(
+                conn,
+                "SELECT * FROM environments WHERE id = ?",
+                [id],
+                environment_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn list_environments(
+        &self,
+        filter: &EnvironmentFilter,
+        page: &Page,
+    ) -> Result<Listed<EnvironmentRecord>> {
+        let filter = filter.clone();
+        let page = page.clone();
+        self.read(move |conn| {
+            let mut sql = String::from("SELECT * FROM environments WHERE 1 = 1");
+            let mut args = Vec::new();
+            for (column, value) in [
+                ("project_id", &filter.project),
+                ("target_id", &filter.target),
+                ("release_id", &filter.release),
+            ] {
+                if let Some(value) = value {
+                    sql.push_str(&format!(" AND {column} = ?"));
+                    args.push(Sql::Text(value.clone()));
+                }
+            }
+            if !filter.include_deleted {
+                sql.push_str(" AND status != 'deleted'");
+            }
+            list_page(conn, &sql, args, true, &page, environment_from_row, |e| {
+                &e.id
+            })
+        })
+        .await
+    }
+
+    async fn update_environment(&self, e: &EnvironmentRecord) -> Result<()> {
+        let e = e.clone();
+        self.write(move |conn| {
+            let done = conn
+                .prepare_cached(
+                    "UPDATE environments SET release_id = ?, domain = ?, aliases = ?, https = ?,
+                        status = ?, secrets = ?, resources = ?, updated_at = ? WHERE id = ?",
+                )?
+                .execute(params![
+                    e.release_id,
+                    e.domain,
+                    to_json(&e.aliases),
+                    e.https.as_str(),
+                    e.status,
+                    e.secrets.to_string(),
+                    e.resources.to_string(),
+                    e.updated_at,
+                    e.id
+                ])?;
+            if done == 0 {
+                return Err(StoreError::NotFound);
+            }
             Ok(())
         })
         .await

@@ -293,6 +293,7 @@ pub async fn targets_page_newest_first(store: &dyn Store) {
             web_user: "www-data".into(),
             host_key: None,
             inspection: None,
+            settings: Default::default(),
             created_at: i as i64,
             updated_at: i as i64,
         };
@@ -325,6 +326,119 @@ pub async fn targets_page_newest_first(store: &dyn Store) {
     assert!(page.next.is_none());
 }
 
+/// Environment names are unique per project and domains across environments, among those not
+/// deleted; secrets and aliases round-trip; lists filter and page.
+pub async fn environments_unique_among_live(store: &dyn Store) {
+    use hefring_core::render::nginx::Alias;
+    use hefring_core::render::Https;
+    let target = TargetRecord {
+        id: "tgt_e".into(),
+        name: "web".into(),
+        kind: "server".into(),
+        status: "ready".into(),
+        host: "local".into(),
+        root: "/srv".into(),
+        http_port: 80,
+        https_port: 443,
+        web_user: "www-data".into(),
+        host_key: None,
+        inspection: None,
+        settings: Default::default(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    store.insert_target(&target).await.unwrap();
+    let stored_target = store.get_target("tgt_e").await.unwrap().unwrap();
+    assert_eq!(stored_target.settings.mariadb.user, "root");
+    for id in ["prj_a", "prj_b"] {
+        store
+            .insert_project(&ProjectRecord {
+                id: id.into(),
+                name: id.replace('_', "-"),
+                git_url: "/srv/git".into(),
+                branch: "main".into(),
+                status: "ready".into(),
+                manifest: None,
+                created_at: 0,
+                updated_at: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let env = |id: &str, project: &str, name: &str, domain: &str| EnvironmentRecord {
+        id: id.into(),
+        name: name.into(),
+        project_id: project.into(),
+        target_id: "tgt_e".into(),
+        release_id: None,
+        domain: domain.into(),
+        aliases: vec![Alias {
+            domain: format!("www.{domain}"),
+            redirect: true,
+        }],
+        https: Https::Required,
+        status: "new".into(),
+        secrets: json!({"db_password": "p"}),
+        resources: json!({}),
+        created_at: 1,
+        updated_at: 1,
+    };
+    let live = env("env_1", "prj_a", "live", "a.test");
+    store.insert_environment(&live).await.unwrap();
+    assert_eq!(store.get_environment("env_1").await.unwrap().unwrap(), live);
+    let same_name = env("env_2", "prj_a", "live", "other.test");
+    assert!(matches!(
+        store.insert_environment(&same_name).await,
+        Err(StoreError::Conflict(m)) if m.contains("name")
+    ));
+    let same_domain = env("env_3", "prj_b", "live", "a.test");
+    assert!(matches!(
+        store.insert_environment(&same_domain).await,
+        Err(StoreError::Conflict(m)) if m.contains("domain")
+    ));
+    store
+        .insert_environment(&env("env_4", "prj_b", "live", "b.test"))
+        .await
+        .unwrap();
+    let mut deleted = live.clone();
+    deleted.status = "deleted".into();
+    deleted.updated_at = 2;
+    store.update_environment(&deleted).await.unwrap();
+    // Both the name and the domain are free again once deleted.
+    store
+        .insert_environment(&env("env_5", "prj_a", "live", "a.test"))
+        .await
+        .unwrap();
+    let page = Page {
+        limit: 10,
+        cursor: None,
+    };
+    let of_a = store
+        .list_environments(
+            &EnvironmentFilter {
+                project: Some("prj_a".into()),
+                ..Default::default()
+            },
+            &page,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<_> = of_a.items.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["env_5"]);
+    let all = store
+        .list_environments(
+            &EnvironmentFilter {
+                include_deleted: true,
+                ..Default::default()
+            },
+            &page,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<_> = all.items.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["env_5", "env_4", "env_1"]);
+}
+
 #[cfg(test)]
 mod sqlite {
     use super::*;
@@ -353,7 +467,8 @@ mod sqlite {
         duplicates_are_refused_while_active,
         cancel_and_retry,
         logs_in_order,
-        targets_page_newest_first
+        targets_page_newest_first,
+        environments_unique_among_live
     );
 }
 
@@ -488,7 +603,8 @@ mod postgres {
         duplicates_are_refused_while_active,
         cancel_and_retry,
         logs_in_order,
-        targets_page_newest_first
+        targets_page_newest_first,
+        environments_unique_among_live
     );
 
     /// Several worker processes (a pool each) claiming at once: every operation is claimed

@@ -65,8 +65,38 @@ pub struct Target {
     pub host_key: Option<String>,
     /// What the last verify found: OS, tools, services, what is missing.
     pub inspection: Option<Value>,
+    /// How Hefring administers the target's MariaDB (passwords are never shown).
+    pub mariadb: MariadbAdmin,
+    /// How Hefring administers the target's PostgreSQL (passwords are never shown).
+    pub postgresql: PostgresqlAdmin,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// A MariaDB admin connection. Defaults: root over `/run/mysqld/mysqld.sock`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MariadbAdmin {
+    /// The unix socket (sites then connect to `localhost`); `null` with `host` for TCP.
+    pub socket: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    /// Write-only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+/// A PostgreSQL admin connection. Defaults: `postgres` on 127.0.0.1:5432.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresqlAdmin {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    /// Write-only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -84,6 +114,8 @@ pub struct CreateTarget {
     pub web_user: Option<String>,
     /// Pin this host key instead of accepting the first one seen.
     pub host_key: Option<String>,
+    pub mariadb: Option<MariadbAdmin>,
+    pub postgresql: Option<PostgresqlAdmin>,
 }
 
 fn default_kind() -> String {
@@ -203,4 +235,65 @@ pub struct RetryOperation {
 pub struct SshKey {
     /// Put this line in the target user's `authorized_keys`.
     pub public_key: String,
+}
+
+/// Another host name of an environment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Alias {
+    pub domain: String,
+    /// Answer 301 to the primary domain instead of serving the site.
+    #[serde(default)]
+    pub redirect: bool,
+}
+
+/// One site of a project on a target.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Environment {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub target: String,
+    /// Where the site answers, with the port when not the default.
+    pub url: String,
+    pub domain: String,
+    pub aliases: Vec<Alias>,
+    /// `off`, `on` or `required`.
+    pub https: String,
+    /// The release it runs (`null` before the first deploy).
+    pub release: Option<String>,
+    /// `new`, `deploying`, `active`, `updating`, `disabled`, `failed`, `deleting`, `deleted`.
+    pub status: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnvironment {
+    pub name: String,
+    /// The project's id.
+    pub project: String,
+    /// The target's id.
+    pub target: String,
+    pub domain: String,
+    #[serde(default)]
+    pub aliases: Vec<Alias>,
+    /// `off` (default), `on` or `required`.
+    pub https: Option<String>,
+}
+
+/// The body of deploy and update.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRelease {
+    /// The release's id.
+    pub release: String,
+}
+
+/// The PEM certificate of the local CA that signs HTTPS certificates when no ACME directory is
+/// configured.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CaCertificate {
+    pub pem: String,
 }

@@ -1,5 +1,6 @@
 //! Routes, grouped by entity. Each handler carries its OpenAPI description.
 
+mod environments;
 mod operations;
 mod projects;
 mod releases;
@@ -52,12 +53,18 @@ fn protected() -> OpenApiRouter<AppState> {
         .routes(routes!(releases::build))
         .routes(routes!(releases::list))
         .routes(routes!(releases::show))
+        .routes(routes!(environments::list, environments::create))
+        .routes(routes!(environments::show, environments::delete))
+        .routes(routes!(environments::deploy))
+        .routes(routes!(environments::update))
+        .routes(routes!(environments::verify))
         .routes(routes!(operations::list))
         .routes(routes!(operations::show))
         .routes(routes!(operations::log))
         .routes(routes!(operations::retry))
         .routes(routes!(operations::cancel))
         .routes(routes!(system::ssh_key))
+        .routes(routes!(system::ca_certificate))
 }
 
 fn public() -> OpenApiRouter<AppState> {

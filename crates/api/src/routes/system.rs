@@ -1,5 +1,8 @@
 use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
 use axum::Json;
+use hefring_backend_server::LocalCa;
 use hefring_wire::{ErrorBody, Health, SshKey};
 
 use crate::error::{ApiError, ApiResult};
@@ -24,4 +27,16 @@ pub async fn ssh_key(State(state): State<AppState>) -> ApiResult<Json<SshKey>> {
     Ok(Json(SshKey {
         public_key: public_key.trim().into(),
     }))
+}
+
+/// The root certificate of the installation's local CA, which signs HTTPS certificates when no
+/// ACME directory is configured: import it to trust those sites. Made on first use.
+#[utoipa::path(get, path = "/api/v1/ca.pem", tag = "system",
+    responses((status = 200, description = "PEM certificate", content_type = "application/x-pem-file", body = String), (status = 401, body = ErrorBody)))]
+pub async fn ca_certificate(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
+    let pem = LocalCa::new(&state.data_dir)
+        .ensure()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem))
 }

@@ -99,13 +99,16 @@ pub async fn create(
     if let Some(key) = &body.host_key {
         check_host_key(key)?;
     }
+    let settings = convert::target_settings(body.mariadb, body.postgresql);
+    settings.check()?;
     let now = now_ms();
     let id = new_id(IdKind::Target, now);
+    // Short: PHP-FPM's sockets live below the root, and a socket path holds 107 bytes.
     let root = body.root.unwrap_or_else(|| match host {
         Host::Local => state
             .data_dir
             .join("targets")
-            .join(&id)
+            .join(&body.name)
             .to_string_lossy()
             .into_owned(),
         Host::Ssh { .. } => "/var/lib/hefring".into(),
@@ -122,6 +125,7 @@ pub async fn create(
         web_user: body.web_user.unwrap_or_else(|| "www-data".into()),
         host_key: body.host_key,
         inspection: None,
+        settings,
         created_at: now,
         updated_at: now,
     };

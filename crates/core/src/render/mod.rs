@@ -72,6 +72,15 @@ impl Https {
             Https::Required => "required",
         }
     }
+
+    pub fn parse(s: &str) -> Option<Https> {
+        match s {
+            "off" => Some(Https::Off),
+            "on" => Some(Https::On),
+            "required" => Some(Https::Required),
+            _ => None,
+        }
+    }
 }
 
 /// The longest path a unix socket can have on Linux (`sun_path` is 108 bytes with its NUL).

@@ -1,0 +1,1157 @@
+//! `environment_deploy`, `environment_update`, `environment_verify` and
+//! `environment_delete` on server targets.
+//!
+//! What each task leaves behind is recorded before it is made (the database in the
+//! environment's `resources`, generated passwords in its `secrets`), so a retry reuses it and
+//! a delete after a half-failed deploy removes it.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use hefring_backend_server::{CommandSpec, LocalCa};
+use hefring_core::environment::{self, DatabaseAccess, EnvironmentFacts, Layout};
+use hefring_core::manifest::{Command, DatabaseKind, Manifest, MANIFEST_FILE};
+use hefring_core::render::fpm::{self, PoolConfig};
+use hefring_core::render::nginx::{self, SiteConfig, Tls};
+use hefring_core::render::Https;
+use hefring_store::{EnvironmentRecord, ReleaseRecord, TargetRecord};
+use rand::distributions::{Alphanumeric, DistString};
+use serde_json::{json, Value};
+
+use super::server::{tool, Server};
+use crate::run::{TaskContext, TaskError, TaskOutput, TaskResult};
+use crate::time::now_ms;
+
+/// How many releases an environment keeps unpacked: the one it serves and the one before,
+/// so a switch back needs no unpacking.
+const RELEASES_KEPT: usize = 2;
+
+async fn load_env(t: &TaskContext<'_>) -> Result<EnvironmentRecord, TaskError> {
+    t.ctx
+        .store
+        .get_environment(&t.op.subject_id)
+        .await?
+        .ok_or_else(|| TaskError::new("the environment no longer exists"))
+}
+
+async fn load_target(
+    t: &TaskContext<'_>,
+    env: &EnvironmentRecord,
+) -> Result<TargetRecord, TaskError> {
+    t.ctx
+        .store
+        .get_target(&env.target_id)
+        .await?
+        .ok_or_else(|| TaskError(format!("target {} no longer exists", env.target_id)))
+}
+
+async fn load_release(t: &TaskContext<'_>, id: &str) -> Result<ReleaseRecord, TaskError> {
+    t.ctx
+        .store
+        .get_release(id)
+        .await?
+        .ok_or_else(|| TaskError(format!("release {id} no longer exists")))
+}
+
+fn input_release(t: &TaskContext<'_>) -> Result<String, TaskError> {
+    t.op.inputs["release"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| TaskError::new("the operation names no release"))
+}
+
+fn manifest(t: &TaskContext<'_>) -> Result<Manifest, TaskError> {
+    serde_json::from_value(t.state["manifest"].clone()).map_err(|_| {
+        TaskError::new("the operation has no manifest recorded (prepare_target did not run)")
+    })
+}
+
+async fn save_env(t: &TaskContext<'_>, env: &mut EnvironmentRecord) -> Result<(), TaskError> {
+    env.updated_at = now_ms();
+    t.ctx.store.update_environment(env).await?;
+    Ok(())
+}
+
+/// Everything a task needs: the environment, its target reached through the executor.
+struct Site<'a> {
+    env: EnvironmentRecord,
+    server: Server<'a>,
+}
+
+impl<'a> Site<'a> {
+    async fn open(t: &'a TaskContext<'_>) -> Result<Site<'a>, TaskError> {
+        let env = load_env(t).await?;
+        let target = load_target(t, &env).await?;
+        let server = Server::open(t, target).await?;
+        Ok(Site { env, server })
+    }
+
+    fn layout(&self) -> &Layout {
+        &self.server.layout
+    }
+
+    fn id(&self) -> &str {
+        &self.env.id
+    }
+
+    fn url(&self) -> String {
+        let target = &self.server.target;
+        environment::url(
+            &self.env.domain,
+            self.env.https,
+            target.http_port,
+            target.https_port,
+        )
+    }
+
+    /// The database the environment's manifest asks for, as its code reaches it.
+    fn database(&self, manifest: &Manifest) -> Option<DatabaseAccess> {
+        let settings = &self.server.target.settings;
+        let name = environment::database_name(self.id());
+        let password = self.env.secrets["db_password"].as_str().unwrap_or_default();
+        let access = |kind, host: String, port| DatabaseAccess {
+            kind,
+            host,
+            port,
+            name: name.clone(),
+            user: name.clone(),
+            password: password.to_string(),
+            path: String::new(),
+        };
+        match manifest.database {
+            DatabaseKind::None => None,
+            DatabaseKind::Mariadb => Some(access(
+                DatabaseKind::Mariadb,
+                settings.mariadb.site_host(),
+                settings.mariadb.port,
+            )),
+            DatabaseKind::Postgresql => Some(access(
+                DatabaseKind::Postgresql,
+                settings.postgresql.host.clone(),
+                settings.postgresql.port,
+            )),
+            DatabaseKind::Sqlite => Some(DatabaseAccess {
+                path: self.layout().sqlite_file(self.id()),
+                ..access(DatabaseKind::Sqlite, String::new(), 0)
+            }),
+        }
+    }
+
+    /// The variables of the environment's commands, for a release.
+    fn variables(&self, manifest: &Manifest, release: &ReleaseRecord) -> Vec<(String, String)> {
+        let url = self.url();
+        let files = self.layout().files_dir(self.id());
+        let database = self.database(manifest);
+        environment::variables(&EnvironmentFacts {
+            id: &self.env.id,
+            name: &self.env.name,
+            release: &release.id,
+            commit: &release.commit,
+            url: &url,
+            domain: &self.env.domain,
+            files_dir: &files,
+            database: database.as_ref(),
+        })
+    }
+
+    /// The server blocks for the environment serving `current`, plus, during an update, the
+    /// preview block of the release being checked.
+    fn site_config(&self, manifest: &Manifest, preview: Option<&str>) -> Result<String, TaskError> {
+        let nginx_instance = self.server.nginx();
+        let fpm_instance = self.server.fpm();
+        let layout = self.layout();
+        let docroot = |base: String| match manifest.docroot.as_str() {
+            "." => base,
+            sub => format!("{base}/{sub}"),
+        };
+        let tls = (self.env.https != Https::Off).then(|| Tls {
+            certificate: layout.tls_certificate(self.id()),
+            key: layout.tls_key(self.id()),
+        });
+        let site = SiteConfig {
+            id: self.env.id.clone(),
+            domain: self.env.domain.clone(),
+            aliases: self.env.aliases.clone(),
+            https: self.env.https,
+            tls,
+            http_port: self.server.target.http_port,
+            https_port: self.server.target.https_port,
+            docroot: docroot(layout.current_link(self.id())),
+            fpm_socket: fpm_instance.socket(self.id()),
+            log_dir: nginx_instance.log_dir(),
+            acme_dir: nginx_instance.acme_dir(),
+            disabled_page: nginx_instance.disabled_page_file(self.id()),
+            disabled: self.env.status == "disabled",
+        };
+        let mut text = nginx::server_blocks(&site).map_err(|e| TaskError(e.to_string()))?;
+        if let Some(release) = preview {
+            let preview_site = SiteConfig {
+                domain: environment::preview_domain(self.id()),
+                aliases: Vec::new(),
+                https: Https::Off,
+                tls: None,
+                docroot: docroot(layout.release_dir(self.id(), release)),
+                disabled: false,
+                ..site
+            };
+            text.push_str("\n# The release an update checks before it switches.\n");
+            text.push_str(
+                &nginx::server_blocks(&preview_site).map_err(|e| TaskError(e.to_string()))?,
+            );
+        }
+        Ok(text)
+    }
+
+    /// Writes the server blocks and reloads nginx; a configuration nginx refuses is taken
+    /// back, so the sites it serves keep being served.
+    async fn write_server_blocks(
+        &self,
+        manifest: &Manifest,
+        preview: Option<&str>,
+    ) -> Result<(), TaskError> {
+        let nginx_instance = self.server.nginx();
+        let file = nginx_instance.site_file(self.id());
+        let text = self.site_config(manifest, preview)?;
+        let before = self.server.read_file(&file).await?;
+        self.server
+            .write_file(
+                &nginx_instance.disabled_page_file(self.id()),
+                &nginx::disabled_page(&self.env.domain),
+                "644",
+                None,
+            )
+            .await?;
+        self.server.write_file(&file, &text, "644", None).await?;
+        if let Err(e) = self.server.reload_nginx().await {
+            match before {
+                Some(old) => self.server.write_file(&file, &old, "644", None).await?,
+                None => self.server.remove(&[file]).await?,
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Points `current` at a release: a new link renamed over the old one, which is atomic.
+    async fn switch_to(&self, release: &str) -> Result<(), TaskError> {
+        let link = self.layout().current_link(self.id());
+        let target = format!("releases/{release}");
+        self.server
+            .sh(
+                "switching the current release",
+                r#"set -e
+cd "$(dirname "$1")"
+[ -d "$2" ] || { echo "$2 is not unpacked" >&2; exit 1; }
+ln -sfn "$2" "$1.next"
+mv -T -f "$1.next" "$1""#,
+                &[&link, &target],
+            )
+            .await?;
+        self.server.log.info(format!("current -> {target}"));
+        Ok(())
+    }
+
+    /// The release `current` points at, if any.
+    async fn current_release(&self) -> Result<Option<String>, TaskError> {
+        let out = self
+            .server
+            .sh_output(
+                "reading the current release",
+                r#"readlink "$1" 2>/dev/null || true"#,
+                &[&self.layout().current_link(self.id())],
+            )
+            .await?;
+        Ok(out.trim().strip_prefix("releases/").map(str::to_string))
+    }
+
+    /// Sends a request for the health path to the target's nginx with the environment's host
+    /// name; 2xx or 3xx (not followed) is healthy. Tries for a few seconds, as a server that
+    /// was just reloaded may take a moment.
+    async fn check_health(
+        &self,
+        manifest: &Manifest,
+        host: &str,
+        https: bool,
+    ) -> Result<(), TaskError> {
+        let target = &self.server.target;
+        let address = match hefring_core::target::Host::parse("host", &target.host) {
+            Ok(hefring_core::target::Host::Ssh { host, .. }) => host,
+            _ => "127.0.0.1".to_string(),
+        };
+        let port = if https {
+            target.https_port
+        } else {
+            target.http_port
+        };
+        let ip = tokio::net::lookup_host((address.as_str(), port))
+            .await
+            .map_err(|e| TaskError(format!("cannot resolve {address}: {e}")))?
+            .next()
+            .ok_or_else(|| TaskError(format!("cannot resolve {address}")))?;
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .resolve(host, ip)
+            // The check is of the site, not of its certificate (which may come from a CA this
+            // machine does not trust).
+            .danger_accept_invalid_certs(true)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| TaskError(format!("cannot build an HTTP client: {e}")))?;
+        let scheme = if https { "https" } else { "http" };
+        let url = format!("{scheme}://{host}:{port}{}", manifest.health);
+        let mut last = String::new();
+        for attempt in 0..20 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            match client.get(&url).send().await {
+                Ok(response)
+                    if response.status().is_success() || response.status().is_redirection() =>
+                {
+                    self.server
+                        .log
+                        .info(format!("health: GET {url} answered {}", response.status()));
+                    return Ok(());
+                }
+                Ok(response) => last = format!("answered {}", response.status()),
+                Err(e) => last = format!("failed: {e}"),
+            }
+        }
+        Err(TaskError(format!("health check: GET {url} {last}")))
+    }
+}
+
+/// Reads `.hefring.yml` out of a release artifact on this machine.
+fn manifest_from_artifact(path: &Path) -> Result<Manifest, TaskError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| TaskError(format!("cannot open the artifact {}: {e}", path.display())))?;
+    let decoder = zstd::Decoder::new(file).map_err(|e| TaskError(format!("artifact: {e}")))?;
+    let mut archive = tar::Archive::new(decoder);
+    let entries = archive
+        .entries()
+        .map_err(|e| TaskError(format!("artifact: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| TaskError(format!("artifact: {e}")))?;
+        let path = entry
+            .path()
+            .map_err(|e| TaskError(format!("artifact: {e}")))?
+            .to_string_lossy()
+            .into_owned();
+        if path.trim_start_matches("./") == MANIFEST_FILE {
+            let mut text = String::new();
+            entry
+                .read_to_string(&mut text)
+                .map_err(|e| TaskError(format!("artifact: {e}")))?;
+            return Manifest::parse(&text).map_err(|e| TaskError(e.to_string()));
+        }
+    }
+    Err(TaskError(format!("the release has no {MANIFEST_FILE}")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Deploy and update
+
+pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    let release = load_release(t, &input_release(t)?).await?;
+    let sha = release
+        .artifact_sha256
+        .clone()
+        .ok_or_else(|| TaskError(format!("release {} has no artifact", release.id)))?;
+    let local_artifact = t.ctx.artifact_path(&sha);
+    let manifest = {
+        let path = local_artifact.clone();
+        tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
+            .await
+            .map_err(|e| TaskError(format!("reading the manifest: {e}")))??
+    };
+    let updating = t.op.kind == hefring_core::operation::OperationKind::EnvironmentUpdate;
+    let previous = if updating {
+        site.env.release_id.clone()
+    } else {
+        None
+    };
+    site.env.status = if updating { "updating" } else { "deploying" }.into();
+    save_env(t, &mut site.env).await?;
+
+    let started = site.server.ensure_servers().await?;
+    for server in started {
+        t.log.info(format!("{server} was not running: started it"));
+    }
+    let remote = site.layout().artifact(&sha);
+    let present = site
+        .server
+        .sh_output(
+            "looking for the artifact",
+            r#"[ -f "$1" ] && echo yes || echo no"#,
+            &[&remote],
+        )
+        .await?;
+    if present.trim() != "yes" {
+        t.log.info(format!(
+            "copying the release artifact ({} bytes)",
+            release.artifact_size.unwrap_or(0)
+        ));
+        site.server.exec.upload(&local_artifact, &remote).await?;
+    }
+    if let Some(user) = &site.server.accounts.web_user {
+        // Everything the sites read lies below the root: their user must be able to reach it.
+        let code = site
+            .server
+            .run(&CommandSpec::new([
+                "runuser",
+                "-u",
+                user,
+                "--",
+                "test",
+                "-x",
+                &site.layout().environments_dir(),
+            ]))
+            .await?;
+        if code != Some(0) {
+            return Err(TaskError(format!(
+                "the web user {user} cannot reach {}: every directory above it must be searchable (chmod o+x)",
+                site.layout().environments_dir()
+            )));
+        }
+    }
+    let mut patch = json!({
+        "manifest": manifest,
+        "release_id": release.id,
+        "commit": release.commit,
+    });
+    if updating {
+        patch["previous_release"] = json!(previous);
+    }
+    Ok(TaskOutput::with_state(patch))
+}
+
+fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
+    let admin = &site.server.target.settings.mariadb;
+    let mut argv = vec![tool(&site.server.target, "mariadb")];
+    match (&admin.socket, &admin.host) {
+        (Some(socket), _) => {
+            argv.extend(["--protocol=socket".into(), format!("--socket={socket}")])
+        }
+        (None, Some(host)) => {
+            argv.extend([format!("--host={host}"), format!("--port={}", admin.port)])
+        }
+        (None, None) => {}
+    }
+    argv.extend([format!("--user={}", admin.user), "--batch".into()]);
+    let mut spec = CommandSpec::new(argv);
+    if let Some(password) = &admin.password {
+        spec = spec.env("MYSQL_PWD", password);
+    }
+    spec
+}
+
+fn psql_admin(site: &Site<'_>) -> CommandSpec {
+    let admin = &site.server.target.settings.postgresql;
+    let mut spec = CommandSpec::new([
+        tool(&site.server.target, "psql"),
+        "-X".into(),
+        "-q".into(),
+        "-v".into(),
+        "ON_ERROR_STOP=1".into(),
+        format!("--host={}", admin.host),
+        format!("--port={}", admin.port),
+        format!("--username={}", admin.user),
+        "--dbname=postgres".into(),
+    ]);
+    if let Some(password) = &admin.password {
+        spec = spec.env("PGPASSWORD", password);
+    }
+    spec
+}
+
+async fn run_sql(
+    site: &Site<'_>,
+    spec: CommandSpec,
+    sql: String,
+    what: &str,
+) -> Result<(), TaskError> {
+    let code = site.server.run(&spec.stdin(sql)).await?;
+    match code {
+        Some(0) => Ok(()),
+        other => Err(TaskError(format!("{what} failed (exit status {other:?})"))),
+    }
+}
+
+pub async fn create_database(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    if manifest.database == DatabaseKind::None {
+        t.log.info("the manifest asks for no database");
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    // Recorded before anything is created: a retry reuses the password, and a delete drops
+    // what a half-finished attempt made.
+    if site.env.secrets["db_password"].as_str().is_none() {
+        site.env.secrets["db_password"] =
+            json!(Alphanumeric.sample_string(&mut rand::thread_rng(), 32));
+    }
+    site.env.resources["database"] = json!(manifest.database);
+    save_env(t, &mut site.env).await?;
+    let access = site.database(&manifest).expect("a database was asked for");
+    match manifest.database {
+        DatabaseKind::Mariadb => {
+            let remote = site.server.target.settings.mariadb.socket.is_none()
+                && site.server.target.settings.mariadb.host.is_some();
+            let host = if remote { "%" } else { "localhost" };
+            let (name, password) = (&access.name, &access.password);
+            let sql = format!(
+                "CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;\n\
+                 CREATE USER IF NOT EXISTS '{name}'@'{host}' IDENTIFIED BY '{password}';\n\
+                 ALTER USER '{name}'@'{host}' IDENTIFIED BY '{password}';\n\
+                 GRANT ALL PRIVILEGES ON `{name}`.* TO '{name}'@'{host}';\n"
+            );
+            run_sql(
+                &site,
+                mariadb_admin(&site),
+                sql,
+                "creating the MariaDB database",
+            )
+            .await?;
+            t.log
+                .info(format!("MariaDB database and user {name} ready"));
+        }
+        DatabaseKind::Postgresql => {
+            let (name, password) = (&access.name, &access.password);
+            let sql = format!(
+                "SELECT 'CREATE ROLE {name} LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}')\\gexec\n\
+                 ALTER ROLE {name} WITH LOGIN PASSWORD '{password}';\n\
+                 SELECT 'CREATE DATABASE {name} OWNER {name} ENCODING ''UTF8'' TEMPLATE template0' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '{name}')\\gexec\n\
+                 REVOKE ALL ON DATABASE {name} FROM PUBLIC;\n"
+            );
+            run_sql(
+                &site,
+                psql_admin(&site),
+                sql,
+                "creating the PostgreSQL database",
+            )
+            .await?;
+            t.log
+                .info(format!("PostgreSQL database and role {name} ready"));
+        }
+        DatabaseKind::Sqlite => {
+            let dir = site.layout().sqlite_dir(site.id());
+            site.server
+                .mkdirs(std::slice::from_ref(&dir), "750")
+                .await?;
+            if let Some(owner) = site.server.web_owner() {
+                site.server
+                    .sh(
+                        "giving the database directory to the web user",
+                        r#"chown "$1" "$2""#,
+                        &[&owner, &dir],
+                    )
+                    .await?;
+            }
+            t.log.info(format!("SQLite database at {}", access.path));
+        }
+        DatabaseKind::None => unreachable!("handled above"),
+    }
+    Ok(TaskOutput::done())
+}
+
+pub async fn create_files_directory(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let layout = site.layout();
+    let files = layout.files_dir(site.id());
+    site.server
+        .mkdirs(
+            &[
+                layout.environment_dir(site.id()),
+                layout.releases_dir(site.id()),
+            ],
+            "755",
+        )
+        .await?;
+    site.server
+        .mkdirs(std::slice::from_ref(&files), "755")
+        .await?;
+    if let Some(owner) = site.server.web_owner() {
+        site.server
+            .sh(
+                "giving the files directory to the web user",
+                r#"chown "$1" "$2""#,
+                &[&owner, &files],
+            )
+            .await?;
+    }
+    t.log.info(format!("persistent files in {files}"));
+    Ok(TaskOutput::done())
+}
+
+/// Unpacks into `RELEASE.part`, links every writable path into the persistent directory
+/// (seeding it from the release the first time), then renames into place.
+const UNPACK: &str = r#"set -e
+artifact=$1; release=$2; files=$3; owner=$4; shift 4
+if [ -d "$release" ]; then echo "already unpacked"; exit 0; fi
+rm -rf "$release.part"
+mkdir -p "$release.part"
+zstd -q -d -c "$artifact" | tar -x --no-same-owner -f - -C "$release.part"
+for path in "$@"; do
+  if [ ! -e "$files/$path" ]; then
+    mkdir -p "$(dirname "$files/$path")"
+    if [ -e "$release.part/$path" ]; then cp -a "$release.part/$path" "$files/$path"; else mkdir -p "$files/$path"; fi
+    if [ -n "$owner" ]; then chown -R "$owner" "$files/$path"; fi
+  fi
+  rm -rf "$release.part/$path"
+  mkdir -p "$(dirname "$release.part/$path")"
+  ln -s "$files/$path" "$release.part/$path"
+done
+chmod 755 "$release.part"
+mv "$release.part" "$release"
+echo "unpacked"
+"#;
+
+pub async fn unpack_release(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    let release = load_release(t, &input_release(t)?).await?;
+    let layout = site.layout();
+    let sha = release.artifact_sha256.clone().unwrap_or_default();
+    let dir = layout.release_dir(site.id(), &release.id);
+    site.server
+        .mkdirs(
+            &[
+                layout.environment_dir(site.id()),
+                layout.releases_dir(site.id()),
+            ],
+            "755",
+        )
+        .await?;
+    let artifact = layout.artifact(&sha);
+    let files = layout.files_dir(site.id());
+    let owner = site.server.web_owner().unwrap_or_default();
+    let mut args: Vec<&str> = vec![&artifact, &dir, &files, &owner];
+    args.extend(manifest.writable.iter().map(String::as_str));
+    site.server
+        .sh("unpacking the release", UNPACK, &args)
+        .await?;
+    t.log.info(format!("release {} in {dir}", release.id));
+    Ok(TaskOutput::done())
+}
+
+pub async fn obtain_certificate(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    if site.env.https == Https::Off {
+        t.log.info("https is off");
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    let names = environment::host_names(&site.env.domain, &site.env.aliases);
+    let ca = LocalCa::new(&t.ctx.data_dir);
+    let issued = ca
+        .issue(&names)
+        .await
+        .map_err(|e| TaskError(e.to_string()))?;
+    let layout = site.layout();
+    site.server
+        .mkdirs(
+            &[format!("{}/tls", layout.root), layout.tls_dir(site.id())],
+            "700",
+        )
+        .await?;
+    site.server
+        .write_file(&layout.tls_key(site.id()), &issued.key_pem, "600", None)
+        .await?;
+    site.server
+        .write_file(
+            &layout.tls_certificate(site.id()),
+            &issued.chain_pem,
+            "644",
+            None,
+        )
+        .await?;
+    t.log.info(format!(
+        "certificate for {} from the local CA (GET /api/v1/ca.pem exports its root)",
+        names.join(", ")
+    ));
+    Ok(TaskOutput::done())
+}
+
+pub async fn write_pool(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    let release = load_release(t, &input_release(t)?).await?;
+    let fpm_instance = site.server.fpm();
+    // The pool carries the variables that stay the same from release to release, so an update
+    // never has to restart PHP; HEFRING_RELEASE and HEFRING_COMMIT reach the commands only.
+    let env: Vec<(String, String)> = site
+        .variables(&manifest, &release)
+        .into_iter()
+        .filter(|(name, _)| name != "HEFRING_RELEASE" && name != "HEFRING_COMMIT")
+        .collect();
+    let pool = PoolConfig {
+        id: site.env.id.clone(),
+        socket: fpm_instance.socket(site.id()),
+        user: site.server.accounts.web_user.clone(),
+        group: site.server.accounts.web_group.clone(),
+        listen_owner: site.server.accounts.web_user.clone(),
+        listen_group: site.server.accounts.web_group.clone(),
+        listen_mode: 0o660,
+        error_log: fpm_instance.php_error_log(site.id()),
+        max_children: 8,
+        env,
+    };
+    let text = fpm::pool(&pool).map_err(|e| TaskError(e.to_string()))?;
+    let file = fpm_instance.pool_file(site.id());
+    if site.server.read_file(&file).await?.as_deref() == Some(&text)
+        && site.server.fpm_running().await?
+    {
+        t.log.info("the pool is unchanged");
+        return Ok(TaskOutput::done());
+    }
+    // Readable by root alone: it holds the database password.
+    site.server.write_file(&file, &text, "600", None).await?;
+    if let Err(e) = site.server.reload_fpm().await {
+        site.server.remove(&[file]).await?;
+        return Err(e);
+    }
+    site.server.wait_for_socket(&pool.socket).await?;
+    t.log
+        .info(format!("PHP-FPM pool {} on {}", pool.id, pool.socket));
+    Ok(TaskOutput::done())
+}
+
+pub async fn write_server_block(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    site.write_server_blocks(&manifest, None).await?;
+    t.log.info(format!("nginx serves {}", site.url()));
+    Ok(TaskOutput::done())
+}
+
+async fn run_commands(t: &TaskContext<'_>, which: &str, commands: &[Command]) -> TaskResult {
+    let site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    if commands.is_empty() {
+        t.log.info(format!("the manifest has no {which} commands"));
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    let release = load_release(t, &input_release(t)?).await?;
+    let dir = site.layout().release_dir(site.id(), &release.id);
+    let vars = site.variables(&manifest, &release);
+    for command in commands {
+        t.log.info(format!("$ {}", command.display()));
+        let spec = site.server.as_web_user(
+            CommandSpec::new(command.argv())
+                .cwd(&dir)
+                .envs(vars.clone()),
+        );
+        let code = site.server.run(&spec).await?;
+        crate::run::require_success(code, &format!("{which} command `{}`", command.display()))?;
+    }
+    Ok(TaskOutput::done())
+}
+
+pub async fn run_install_commands(t: &TaskContext<'_>) -> TaskResult {
+    let manifest = manifest(t)?;
+    run_commands(t, "install", &manifest.install).await
+}
+
+pub async fn run_deploy_commands(t: &TaskContext<'_>) -> TaskResult {
+    let manifest = manifest(t)?;
+    run_commands(t, "deploy", &manifest.deploy).await
+}
+
+pub async fn switch_release(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    let release = input_release(t)?;
+    site.switch_to(&release).await?;
+    if t.op.kind == hefring_core::operation::OperationKind::EnvironmentUpdate {
+        // The preview block goes away with the same graceful reload.
+        site.write_server_blocks(&manifest, None).await?;
+    }
+    site.env.release_id = Some(release);
+    save_env(t, &mut site.env).await?;
+    Ok(TaskOutput::done())
+}
+
+pub async fn check_health(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    let manifest = match manifest(t) {
+        Ok(m) => m,
+        // Verify has no manifest in its state: read the one of the release being served.
+        Err(_) => match &site.env.release_id {
+            Some(release) => {
+                let release = load_release(t, release).await?;
+                let path = t
+                    .ctx
+                    .artifact_path(release.artifact_sha256.as_deref().unwrap_or(""));
+                tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
+                    .await
+                    .map_err(|e| TaskError(format!("reading the manifest: {e}")))??
+            }
+            None => {
+                t.log.info("nothing is deployed yet");
+                return Ok(TaskOutput {
+                    skipped: true,
+                    ..Default::default()
+                });
+            }
+        },
+    };
+    let https = site.env.https == Https::Required;
+    let domain = site.env.domain.clone();
+    site.check_health(&manifest, &domain, https).await?;
+    if site.env.status != "disabled" {
+        site.env.status = "active".into();
+    }
+    save_env(t, &mut site.env).await?;
+    Ok(TaskOutput::done())
+}
+
+pub async fn check_preview(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    let release = input_release(t)?;
+    site.write_server_blocks(&manifest, Some(&release)).await?;
+    let preview = environment::preview_domain(site.id());
+    t.log
+        .info(format!("checking release {release} through {preview}"));
+    site.check_health(&manifest, &preview, false).await?;
+    Ok(TaskOutput::done())
+}
+
+pub async fn dump_database(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    let Some(access) = site.database(&manifest) else {
+        t.log.info("the manifest asks for no database");
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    };
+    let dir = site.layout().dumps_dir(site.id());
+    site.server
+        .mkdirs(std::slice::from_ref(&dir), "700")
+        .await?;
+    let file = format!("{dir}/before-{}.sql", t.op.id);
+    let target = &site.server.target;
+    let spec = match access.kind {
+        DatabaseKind::Mariadb => {
+            let mut spec = mariadb_admin(&site);
+            spec.argv[0] = tool(target, "mysqldump");
+            spec.argv.retain(|a| a != "--batch");
+            spec.argv.extend([
+                "--single-transaction".into(),
+                "--routines".into(),
+                "--triggers".into(),
+                format!("--result-file={file}.part"),
+                access.name.clone(),
+            ]);
+            spec
+        }
+        DatabaseKind::Postgresql => {
+            let admin = &target.settings.postgresql;
+            let mut spec = CommandSpec::new([
+                tool(target, "pg_dump"),
+                format!("--host={}", admin.host),
+                format!("--port={}", admin.port),
+                format!("--username={}", admin.user),
+                "--clean".into(),
+                "--if-exists".into(),
+                "--no-owner".into(),
+                format!("--file={file}.part"),
+                access.name.clone(),
+            ]);
+            if let Some(password) = &admin.password {
+                spec = spec.env("PGPASSWORD", password);
+            }
+            spec
+        }
+        DatabaseKind::Sqlite => CommandSpec::new([
+            "sh".to_string(),
+            "-c".into(),
+            r#"if [ -f "$2" ]; then sqlite3 "$2" ".backup '$1'"; else : > "$1"; fi"#.into(),
+            "sh".into(),
+            format!("{file}.part"),
+            access.path.clone(),
+        ]),
+        DatabaseKind::None => unreachable!("no access without a database"),
+    };
+    let code = site.server.run(&spec).await?;
+    crate::run::require_success(code, "the safety dump")?;
+    site.server
+        .sh("keeping the dump", r#"mv -f "$1.part" "$1""#, &[&file])
+        .await?;
+    t.log.info(format!("safety dump in {file}"));
+    Ok(TaskOutput::with_state(json!({ "dump": file })))
+}
+
+pub async fn prune_releases(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let keep: Vec<String> = [
+        site.env.release_id.clone(),
+        t.state["previous_release"].as_str().map(str::to_string),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let listing = site
+        .server
+        .sh_output(
+            "listing releases",
+            r#"ls -1 "$1" 2>/dev/null || true"#,
+            &[&site.layout().releases_dir(site.id())],
+        )
+        .await?;
+    let stale: Vec<String> = listing
+        .lines()
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && !keep.iter().any(|k| k == name))
+        .map(|name| format!("{}/{name}", site.layout().releases_dir(site.id())))
+        .collect();
+    debug_assert!(keep.len() <= RELEASES_KEPT);
+    // Pruning is housekeeping: a failure here must not undo a good update.
+    if !stale.is_empty() {
+        match site.server.remove(&stale).await {
+            Ok(()) => t
+                .log
+                .info(format!("removed {} old release(s)", stale.len())),
+            Err(e) => t.log.info(format!("could not remove old releases: {e}")),
+        }
+    }
+    // Old safety dumps too, but the newest.
+    let dumps = site.layout().dumps_dir(site.id());
+    let _ = site
+        .server
+        .sh(
+            "removing old dumps",
+            r#"cd "$1" 2>/dev/null || exit 0; ls -1t | tail -n +2 | while read -r f; do rm -f -- "$f"; done"#,
+            &[&dumps],
+        )
+        .await;
+    Ok(TaskOutput::done())
+}
+
+/// The rollback of an update: back to the release that served before, the preview block
+/// gone, and the database restored from the safety dump if the deploy commands had run.
+pub async fn switch_back(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    let manifest = manifest(t).ok();
+    let Some(previous) = t.state["previous_release"].as_str().map(str::to_string) else {
+        t.log
+            .info("no release served before: nothing to switch back to");
+        return Ok(TaskOutput::done());
+    };
+    if site.current_release().await?.as_deref() != Some(previous.as_str()) {
+        site.switch_to(&previous).await?;
+        t.log.info(format!("switched back to release {previous}"));
+    }
+    if let Some(manifest) = &manifest {
+        site.write_server_blocks(manifest, None).await?;
+    }
+    let deploy_ran =
+        t.op.tasks
+            .iter()
+            .any(|task| task.name == "run_deploy_commands" && task.attempts > 0 && !task.rollback);
+    if let (true, Some(dump), Some(manifest)) = (deploy_ran, t.state["dump"].as_str(), &manifest) {
+        restore_dump(&site, manifest, dump).await?;
+        t.log
+            .info(format!("restored the database from the safety dump {dump}"));
+    }
+    site.env.release_id = Some(previous);
+    site.env.status = "active".into();
+    save_env(t, &mut site.env).await?;
+    Ok(TaskOutput::done())
+}
+
+async fn restore_dump(site: &Site<'_>, manifest: &Manifest, dump: &str) -> Result<(), TaskError> {
+    let Some(access) = site.database(manifest) else {
+        return Ok(());
+    };
+    let target = &site.server.target;
+    let spec = match access.kind {
+        DatabaseKind::Mariadb => {
+            let mut spec = mariadb_admin(site);
+            spec.argv.push(access.name.clone());
+            // The dump is the input; through a shell so that it streams from the file.
+            let mut argv = vec![
+                "sh".to_string(),
+                "-c".into(),
+                r#"f=$1; shift; exec "$@" < "$f""#.into(),
+                "sh".into(),
+                dump.to_string(),
+            ];
+            argv.extend(spec.argv);
+            spec.argv = argv;
+            spec
+        }
+        DatabaseKind::Postgresql => {
+            let mut spec = psql_admin(site);
+            for arg in spec.argv.iter_mut() {
+                if arg == "--dbname=postgres" {
+                    *arg = format!("--dbname={}", access.name);
+                }
+            }
+            spec.argv.push(format!("--file={dump}"));
+            spec
+        }
+        DatabaseKind::Sqlite => CommandSpec::new([
+            "sh".to_string(),
+            "-c".into(),
+            r#"if [ -s "$1" ]; then sqlite3 "$2" ".restore '$1'"; fi"#.into(),
+            "sh".into(),
+            dump.to_string(),
+            access.path.clone(),
+        ]),
+        DatabaseKind::None => return Ok(()),
+    };
+    let _ = target;
+    let code = site.server.run(&spec).await?;
+    crate::run::require_success(code, "restoring the safety dump")
+}
+
+// ---------------------------------------------------------------------------------------
+// Verify
+
+pub async fn check_servers(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let started = site.server.ensure_servers().await?;
+    if started.is_empty() {
+        t.log.info("nginx and PHP-FPM are running");
+    }
+    for server in started {
+        t.log.info(format!("{server} was not running: started it"));
+    }
+    Ok(TaskOutput::done())
+}
+
+// ---------------------------------------------------------------------------------------
+// Delete: each step removes what exists and succeeds when there is nothing left.
+
+pub async fn remove_server_block(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    site.env.status = "deleting".into();
+    save_env(t, &mut site.env).await?;
+    let nginx_instance = site.server.nginx();
+    site.server
+        .remove(&[
+            nginx_instance.site_file(site.id()),
+            nginx_instance.disabled_page_file(site.id()),
+        ])
+        .await?;
+    if site.server.nginx_running().await? {
+        site.server.reload_nginx().await?;
+    }
+    Ok(TaskOutput::done())
+}
+
+pub async fn remove_pool(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let fpm_instance = site.server.fpm();
+    let file = fpm_instance.pool_file(site.id());
+    let existed = site.server.read_file(&file).await?.is_some();
+    site.server.remove(&[file]).await?;
+    if existed && site.server.fpm_running().await? {
+        site.server.reload_fpm().await?;
+    }
+    site.server
+        .remove(&[fpm_instance.socket(site.id())])
+        .await?;
+    Ok(TaskOutput::done())
+}
+
+pub async fn drop_database(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    let kind: Option<DatabaseKind> =
+        serde_json::from_value(site.env.resources["database"].clone()).ok();
+    let name = environment::database_name(site.id());
+    match kind {
+        None | Some(DatabaseKind::None) => {
+            t.log.info("the environment has no database");
+            return Ok(TaskOutput {
+                skipped: true,
+                ..Default::default()
+            });
+        }
+        Some(DatabaseKind::Mariadb) => {
+            let sql = format!(
+                "DROP DATABASE IF EXISTS `{name}`;\n\
+                 DROP USER IF EXISTS '{name}'@'localhost';\n\
+                 DROP USER IF EXISTS '{name}'@'%';\n"
+            );
+            run_sql(
+                &site,
+                mariadb_admin(&site),
+                sql,
+                "dropping the MariaDB database",
+            )
+            .await?;
+        }
+        Some(DatabaseKind::Postgresql) => {
+            let sql = format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE);\n\
+                 DROP ROLE IF EXISTS {name};\n"
+            );
+            run_sql(
+                &site,
+                psql_admin(&site),
+                sql,
+                "dropping the PostgreSQL database",
+            )
+            .await?;
+        }
+        Some(DatabaseKind::Sqlite) => {
+            // Its file lives in the environment's directory, removed by remove_files.
+        }
+    }
+    t.log.info(format!("dropped database and user {name}"));
+    site.env.resources = match site.env.resources {
+        Value::Object(mut map) => {
+            map.remove("database");
+            Value::Object(map)
+        }
+        other => other,
+    };
+    save_env(t, &mut site.env).await?;
+    Ok(TaskOutput::done())
+}
+
+pub async fn remove_files(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let layout = site.layout();
+    site.server
+        .remove(&[layout.environment_dir(site.id()), layout.tls_dir(site.id())])
+        .await?;
+    Ok(TaskOutput::done())
+}
+
+pub async fn mark_deleted(t: &TaskContext<'_>) -> TaskResult {
+    let mut env = load_env(t).await?;
+    env.status = "deleted".into();
+    env.secrets = json!({});
+    save_env(t, &mut env).await?;
+    Ok(TaskOutput::done())
+}
+
+/// After a failed or cancelled operation (and its rollback): a first deploy that failed
+/// leaves the environment `failed`; an update that was rolled back leaves it `active` on the
+/// release it served before; a delete that failed leaves it `failed` (delete again).
+pub async fn mark_failed(t: &TaskContext<'_>) -> Result<(), TaskError> {
+    use hefring_core::operation::OperationKind as K;
+    let mut env = load_env(t).await?;
+    let status = match t.op.kind {
+        K::EnvironmentUpdate if env.release_id.is_some() => "active",
+        K::EnvironmentVerify => return Ok(()),
+        _ => "failed",
+    };
+    env.status = status.into();
+    save_env(t, &mut env).await
+}
