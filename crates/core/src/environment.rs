@@ -65,6 +65,12 @@ impl Layout {
         format!("{}/current", self.environment_dir(env))
     }
 
+    /// The link to the release an update checks through the preview server block before it
+    /// switches `current`: a link, so that no nginx reload is needed during an update.
+    pub fn preview_link(&self, env: &str) -> String {
+        format!("{}/preview", self.environment_dir(env))
+    }
+
     /// Persistent files (`FILES_DIR`): every `writable` path of a release links here.
     pub fn files_dir(&self, env: &str) -> String {
         format!("{}/files", self.environment_dir(env))

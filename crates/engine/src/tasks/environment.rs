@@ -155,9 +155,11 @@ impl<'a> Site<'a> {
         })
     }
 
-    /// The server blocks for the environment serving `current`, plus, during an update, the
-    /// preview block of the release being checked.
-    fn site_config(&self, manifest: &Manifest, preview: Option<&str>) -> Result<String, TaskError> {
+    /// The server blocks for the environment serving `current`, and the preview block serving
+    /// `preview`, through which an update checks a release before it switches. Both follow
+    /// links, so an update changes links only and never reloads nginx (a reload closes idle
+    /// keep-alive connections, which a client may be about to use).
+    fn site_config(&self, manifest: &Manifest) -> Result<String, TaskError> {
         let nginx_instance = self.server.nginx();
         let fpm_instance = self.server.fpm();
         let layout = self.layout();
@@ -185,34 +187,26 @@ impl<'a> Site<'a> {
             disabled: self.env.status == "disabled",
         };
         let mut text = nginx::server_blocks(&site).map_err(|e| TaskError(e.to_string()))?;
-        if let Some(release) = preview {
-            let preview_site = SiteConfig {
-                domain: environment::preview_domain(self.id()),
-                aliases: Vec::new(),
-                https: Https::Off,
-                tls: None,
-                docroot: docroot(layout.release_dir(self.id(), release)),
-                disabled: false,
-                ..site
-            };
-            text.push_str("\n# The release an update checks before it switches.\n");
-            text.push_str(
-                &nginx::server_blocks(&preview_site).map_err(|e| TaskError(e.to_string()))?,
-            );
-        }
+        let preview_site = SiteConfig {
+            domain: environment::preview_domain(self.id()),
+            aliases: Vec::new(),
+            https: Https::Off,
+            tls: None,
+            docroot: docroot(layout.preview_link(self.id())),
+            disabled: false,
+            ..site
+        };
+        text.push_str("\n# The release an update checks before it switches.\n");
+        text.push_str(&nginx::server_blocks(&preview_site).map_err(|e| TaskError(e.to_string()))?);
         Ok(text)
     }
 
     /// Writes the server blocks and reloads nginx; a configuration nginx refuses is taken
     /// back, so the sites it serves keep being served.
-    async fn write_server_blocks(
-        &self,
-        manifest: &Manifest,
-        preview: Option<&str>,
-    ) -> Result<(), TaskError> {
+    async fn write_server_blocks(&self, manifest: &Manifest) -> Result<(), TaskError> {
         let nginx_instance = self.server.nginx();
         let file = nginx_instance.site_file(self.id());
-        let text = self.site_config(manifest, preview)?;
+        let text = self.site_config(manifest)?;
         let before = self.server.read_file(&file).await?;
         self.server
             .write_file(
@@ -235,7 +229,13 @@ impl<'a> Site<'a> {
 
     /// Points `current` at a release: a new link renamed over the old one, which is atomic.
     async fn switch_to(&self, release: &str) -> Result<(), TaskError> {
-        let link = self.layout().current_link(self.id());
+        self.point(&self.layout().current_link(self.id()), release)
+            .await
+    }
+
+    /// Points a link (`current` or `preview`) at a release, atomically.
+    async fn point(&self, link: &str, release: &str) -> Result<(), TaskError> {
+        let link = link.to_string();
         let target = format!("releases/{release}");
         self.server
             .sh(
@@ -248,7 +248,8 @@ mv -T -f "$1.next" "$1""#,
                 &[&link, &target],
             )
             .await?;
-        self.server.log.info(format!("current -> {target}"));
+        let name = link.rsplit('/').next().unwrap_or_default();
+        self.server.log.info(format!("{name} -> {target}"));
         Ok(())
     }
 
@@ -726,7 +727,7 @@ pub async fn write_pool(t: &TaskContext<'_>) -> TaskResult {
 pub async fn write_server_block(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let manifest = manifest(t)?;
-    site.write_server_blocks(&manifest, None).await?;
+    site.write_server_blocks(&manifest).await?;
     t.log.info(format!("nginx serves {}", site.url()));
     Ok(TaskOutput::done())
 }
@@ -769,13 +770,8 @@ pub async fn run_deploy_commands(t: &TaskContext<'_>) -> TaskResult {
 
 pub async fn switch_release(t: &TaskContext<'_>) -> TaskResult {
     let mut site = Site::open(t).await?;
-    let manifest = manifest(t)?;
     let release = input_release(t)?;
     site.switch_to(&release).await?;
-    if t.op.kind == hefring_core::operation::OperationKind::EnvironmentUpdate {
-        // The preview block goes away with the same graceful reload.
-        site.write_server_blocks(&manifest, None).await?;
-    }
     site.env.release_id = Some(release);
     save_env(t, &mut site.env).await?;
     Ok(TaskOutput::done())
@@ -819,7 +815,8 @@ pub async fn check_preview(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let manifest = manifest(t)?;
     let release = input_release(t)?;
-    site.write_server_blocks(&manifest, Some(&release)).await?;
+    site.point(&site.layout().preview_link(site.id()), &release)
+        .await?;
     let preview = environment::preview_domain(site.id());
     t.log
         .info(format!("checking release {release} through {preview}"));
@@ -940,8 +937,8 @@ pub async fn prune_releases(t: &TaskContext<'_>) -> TaskResult {
     Ok(TaskOutput::done())
 }
 
-/// The rollback of an update: back to the release that served before, the preview block
-/// gone, and the database restored from the safety dump if the deploy commands had run.
+/// The rollback of an update: back to the release that served before (`current` and
+/// `preview`), and the database restored from the safety dump if the deploy commands had run.
 pub async fn switch_back(t: &TaskContext<'_>) -> TaskResult {
     let mut site = Site::open(t).await?;
     let manifest = manifest(t).ok();
@@ -954,9 +951,8 @@ pub async fn switch_back(t: &TaskContext<'_>) -> TaskResult {
         site.switch_to(&previous).await?;
         t.log.info(format!("switched back to release {previous}"));
     }
-    if let Some(manifest) = &manifest {
-        site.write_server_blocks(manifest, None).await?;
-    }
+    site.point(&site.layout().preview_link(site.id()), &previous)
+        .await?;
     let deploy_ran =
         t.op.tasks
             .iter()

@@ -12,25 +12,19 @@ use hefring_backend_server::{CommandSpec, Executor};
 use hefring_core::environment::{Accounts, Layout};
 use hefring_core::render::fpm::{self, FpmInstance};
 use hefring_core::render::nginx::{self, NginxInstance};
-use hefring_core::target::Inspection;
 use hefring_store::TargetRecord;
 
 use crate::log::OperationLog;
 use crate::run::{run_captured, run_logged, TaskContext, TaskError};
 
-/// Where a tool lives on the target: what the last verify found, else its plain name.
+/// Where a tool lives on the target: what the last verify found (`inspection.tools`, a map
+/// of tool to path or null), else its plain name.
 pub fn tool(target: &TargetRecord, name: &str) -> String {
     target
         .inspection
         .as_ref()
-        .and_then(|v| serde_json::from_value::<Inspection>(v.clone()).ok())
-        .and_then(|found| {
-            found
-                .tools
-                .into_iter()
-                .find(|(tool, path)| tool == name && path.is_some())
-                .and_then(|(_, path)| path)
-        })
+        .and_then(|found| found["tools"][name].as_str())
+        .map(str::to_string)
         .unwrap_or_else(|| name.to_string())
 }
 

@@ -4,6 +4,7 @@
 mod api;
 mod cli;
 mod durability;
+mod environments;
 mod harness;
 mod operations;
 mod postgres;
