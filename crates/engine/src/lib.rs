@@ -3,6 +3,7 @@
 //! the lease that proves it is alive, the operation's end. Cancel, timeouts and rollback
 //! live here too. Nothing here speaks HTTP.
 
+pub mod acme;
 mod log;
 mod run;
 mod tasks;

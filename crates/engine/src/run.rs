@@ -18,6 +18,8 @@ pub struct Context {
     pub store: Arc<dyn Store>,
     pub data_dir: PathBuf,
     pub ssh_key: SshKeyPair,
+    /// Where HTTPS certificates come from; `None`: the installation's local CA.
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 /// One task's view of its operation.

@@ -42,6 +42,8 @@ pub struct EngineConfig {
     pub queues: Vec<String>,
     pub data_dir: PathBuf,
     pub observer: Option<Observer>,
+    /// Where HTTPS certificates come from; `None`: the installation's local CA.
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 impl EngineConfig {
@@ -54,6 +56,7 @@ impl EngineConfig {
             queues: Vec::new(),
             data_dir,
             observer: None,
+            acme: None,
         }
     }
 }
@@ -92,6 +95,7 @@ impl Engine {
                 store,
                 data_dir: config.data_dir.clone(),
                 ssh_key,
+                acme: config.acme.clone(),
             },
             queue,
             config,

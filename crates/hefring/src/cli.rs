@@ -122,6 +122,17 @@ pub struct ServeArgs {
     /// Seconds an operation's lease lasts without renewal (at most 15).
     #[arg(long, env = "HEFRING_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=15))]
     pub lease_seconds: u64,
+    /// An ACME directory URL for HTTPS certificates (Let's Encrypt:
+    /// https://acme-v02.api.letsencrypt.org/directory). Without it, the installation's own
+    /// CA signs them (`GET /api/v1/ca.pem`).
+    #[arg(long, env = "HEFRING_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+    /// A PEM file of extra roots to trust for the ACME server's API (a private or test CA).
+    #[arg(long, env = "HEFRING_ACME_CA_FILE")]
+    pub acme_ca_file: Option<std::path::PathBuf>,
+    /// The contact address of the ACME account.
+    #[arg(long, env = "HEFRING_ACME_EMAIL")]
+    pub acme_email: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

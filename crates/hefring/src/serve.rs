@@ -130,6 +130,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     config.workers = args.workers;
     config.task_timeout = Duration::from_secs(args.task_timeout);
     config.lease = Duration::from_secs(args.lease_seconds);
+    config.acme = args
+        .acme_directory
+        .clone()
+        .map(|directory| hefring_engine::acme::AcmeConfig {
+            directory,
+            ca_file: args.acme_ca_file.clone(),
+            email: args.acme_email.clone(),
+        });
     let engine = Engine::new(store.clone(), queue.clone(), config)
         .await
         .context("cannot start the workers")?;

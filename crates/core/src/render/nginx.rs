@@ -358,7 +358,15 @@ pub fn main_config(instance: &NginxInstance) -> Result<String, RenderError> {
     );
     line(o, 2, "ssl_reject_handshake on;");
     line(o, 2, "server_name _;");
-    line(o, 2, "return 404;");
+    // ACME HTTP-01 challenges for a host name before its own server block exists (the first
+    // certificate of an environment is obtained before its HTTPS block can be written).
+    line(o, 2, "location ^~ /.well-known/acme-challenge/ {");
+    line(o, 3, &format!("alias {}/;", instance.acme_dir()));
+    line(o, 3, "default_type text/plain;");
+    line(o, 2, "}");
+    line(o, 2, "location / {");
+    line(o, 3, "return 404;");
+    line(o, 2, "}");
     line(o, 1, "}");
     line(o, 1, "");
     line(o, 1, &format!("include {}/*.conf;", instance.sites_dir()));

@@ -650,12 +650,24 @@ pub async fn obtain_certificate(t: &TaskContext<'_>) -> TaskResult {
         });
     }
     let names = environment::host_names(&site.env.domain, &site.env.aliases);
-    let ca = LocalCa::new(&t.ctx.data_dir);
-    let issued = ca
-        .issue(&names)
-        .await
-        .map_err(|e| TaskError(e.to_string()))?;
     let layout = site.layout();
+    let (chain_pem, key_pem, issuer) = match &t.ctx.acme {
+        Some(config) => {
+            let issued = acme_certificate(&site, config, &names, &t.ctx.data_dir).await?;
+            (issued.chain_pem, issued.key_pem, config.directory.clone())
+        }
+        None => {
+            let issued = LocalCa::new(&t.ctx.data_dir)
+                .issue(&names)
+                .await
+                .map_err(|e| TaskError(e.to_string()))?;
+            (
+                issued.chain_pem,
+                issued.key_pem,
+                "the local CA (GET /api/v1/ca.pem exports its root)".to_string(),
+            )
+        }
+    };
     site.server
         .mkdirs(
             &[format!("{}/tls", layout.root), layout.tls_dir(site.id())],
@@ -663,21 +675,49 @@ pub async fn obtain_certificate(t: &TaskContext<'_>) -> TaskResult {
         )
         .await?;
     site.server
-        .write_file(&layout.tls_key(site.id()), &issued.key_pem, "600", None)
+        .write_file(&layout.tls_key(site.id()), &key_pem, "600", None)
         .await?;
     site.server
-        .write_file(
-            &layout.tls_certificate(site.id()),
-            &issued.chain_pem,
-            "644",
-            None,
-        )
+        .write_file(&layout.tls_certificate(site.id()), &chain_pem, "644", None)
         .await?;
     t.log.info(format!(
-        "certificate for {} from the local CA (GET /api/v1/ca.pem exports its root)",
+        "certificate for {} from {issuer}",
         names.join(", ")
     ));
     Ok(TaskOutput::done())
+}
+
+/// Orders a certificate over ACME; the target's nginx answers the HTTP-01 challenges from
+/// its ACME directory (every server block, and the catch-all for names not served yet).
+async fn acme_certificate(
+    site: &Site<'_>,
+    config: &crate::acme::AcmeConfig,
+    names: &[&str],
+    data_dir: &Path,
+) -> Result<crate::acme::Certificate, TaskError> {
+    let mut client = crate::acme::AcmeClient::connect(config, data_dir)
+        .await
+        .map_err(|e| TaskError(e.to_string()))?;
+    let acme_dir = site.server.nginx().acme_dir();
+    let published = std::sync::Mutex::new(Vec::new());
+    let result = client
+        .issue(names, |token, key_authorization| {
+            let path = format!("{acme_dir}/{token}");
+            published.lock().unwrap().push(path.clone());
+            let server = &site.server;
+            async move {
+                server
+                    .write_file(&path, &key_authorization, "644", None)
+                    .await
+                    .map_err(|e| crate::acme::AcmeError(e.to_string()))
+            }
+        })
+        .await;
+    let published = published.into_inner().unwrap();
+    if !published.is_empty() {
+        site.server.remove(&published).await?;
+    }
+    result.map_err(|e| TaskError(e.to_string()))
 }
 
 pub async fn write_pool(t: &TaskContext<'_>) -> TaskResult {

@@ -696,3 +696,147 @@ async fn every_request_is_served_through_twenty_updates_and_https_works() {
         "the last update went to release A: {body}"
     );
 }
+
+/// A private pebble (ACME test CA) validating HTTP-01 for real against the target's nginx;
+/// stopped when dropped.
+struct Pebble {
+    dir: tempfile::TempDir,
+    info: Value,
+}
+
+impl Pebble {
+    fn start(http_port: u16) -> Pebble {
+        let dir = tempfile::Builder::new()
+            .prefix("hefring-pebble-")
+            .tempdir()
+            .unwrap();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/pebble/start.sh"
+        );
+        let out = Command::new("sh")
+            .arg(script)
+            .arg(dir.path())
+            .arg(http_port.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pebble did not start (scripts/test installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        let info: Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+        Pebble { dir, info }
+    }
+
+    /// The root that signs what pebble issues (pebble makes a new one at each start).
+    async fn root(&self) -> String {
+        let api_ca = std::fs::read(self.info["api_ca"].as_str().unwrap()).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&api_ca).unwrap())
+            .build()
+            .unwrap();
+        client
+            .get(self.info["roots"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/pebble/stop.sh"
+        );
+        let _ = Command::new("sh").arg(script).arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_certificates_come_from_an_acme_server_that_validates_http_01() {
+    let http = free_port();
+    let pebble = Pebble::start(http);
+    let directory = pebble.info["directory"].as_str().unwrap().to_string();
+    let api_ca = pebble.info["api_ca"].as_str().unwrap().to_string();
+    let server = Server::start_with(
+        &["--acme-directory", &directory, "--acme-ca-file", &api_ca],
+        &[],
+    )
+    .await;
+    let root = target_root();
+    let https = free_port();
+    let target = server
+        .create(
+            "/targets",
+            json!({"name": "web", "host": "local", "root": root.path(), "http_port": http, "https_port": https}),
+        )
+        .await;
+    let target = target["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(&format!("/targets/{target}/verify"), None)
+        .await;
+    assert_eq!(
+        server.wait_op(op["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project, "target": target, "domain": "acme.test",
+                   "aliases": [{"domain": "www.acme.test", "redirect": true}], "https": "on"}),
+        )
+        .await;
+    let env_id = env["id"].as_str().unwrap().to_string();
+    let op = deploy(&server, &env_id, &release, "deploy").await;
+    let log = server.log_text(op["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}\n{log}");
+    assert!(log.contains(&format!("from {directory}")), "{log}");
+
+    let pebble_root = pebble.root().await;
+    let secure = site_client(&["acme.test", "www.acme.test"], https, Some(&pebble_root));
+    let (status, body) = page(&secure, &format!("https://acme.test:{https}/")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("release=1"), "{body}");
+    // The alias is on the certificate too (it redirects over HTTPS).
+    let response = secure
+        .get(format!("https://www.acme.test:{https}/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::MOVED_PERMANENTLY);
+    // With `on`, HTTP serves the site as well.
+    let plain = site_client(&["acme.test"], http, None);
+    let (status, body) = page(&plain, &format!("http://acme.test:{http}/")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The local CA did not sign it: a client trusting only the local CA refuses it.
+    let local_ca = server
+        .http()
+        .get(format!("{}/api/v1/ca.pem", server.url))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let wrong = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(local_ca.as_bytes()).unwrap())
+        .resolve("acme.test", SocketAddr::from(([127, 0, 0, 1], https)))
+        .build()
+        .unwrap();
+    assert!(wrong
+        .get(format!("https://acme.test:{https}/"))
+        .send()
+        .await
+        .is_err());
+}
