@@ -150,3 +150,84 @@ async fn an_ssh_target_is_verified_with_the_installation_key_and_its_host_key_is
 }
 
 use crate::harness::statuses;
+
+/// The same environment operations against an SSH target on loopback, with its own root and
+/// ports: files travel over SSH, commands run there, the site answers on its ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_is_deployed_updated_and_deleted_on_an_ssh_target() {
+    use crate::environments::{add_project, app_repo, build, page, site_client, target_root};
+    let server = Server::start().await;
+    let (_, key) = server.get("/ssh-key").await;
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = start_sshd(dir.path(), key["public_key"].as_str().unwrap(), "host_env");
+    let root = target_root();
+    let (http, https) = (free_port(), free_port());
+    let target = server
+        .create(
+            "/targets",
+            json!({"name": "remote", "host": format!("ssh://root@127.0.0.1:{}", sshd.port),
+                   "root": root.path(), "http_port": http, "https_port": https}),
+        )
+        .await;
+    let target = target["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(&format!("/targets/{target}/verify"), None)
+        .await;
+    let op = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let first = build(&server, &project).await;
+    repo.commit(&[("VERSION", "2\n")]);
+    let second = build(&server, &project).await;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project, "target": target, "domain": "ssh.test", "https": "on"}),
+        )
+        .await;
+    let env_id = env["id"].as_str().unwrap().to_string();
+    for (action, release) in [("deploy", &first), ("update", &second)] {
+        let op = server
+            .start_op(
+                &format!("/environments/{env_id}/{action}"),
+                Some(json!({"release": release})),
+            )
+            .await;
+        let done = server.wait_op(op["id"].as_str().unwrap()).await;
+        assert_eq!(
+            done["status"],
+            "succeeded",
+            "{action}: {done}\n{}",
+            server.log_text(op["id"].as_str().unwrap()).await
+        );
+    }
+    let client = site_client(&["ssh.test"], http, None);
+    let (_, body) = page(&client, &format!("http://ssh.test:{http}/")).await;
+    assert!(
+        body.contains("release=2") && body.contains("upload=from-install"),
+        "{body}"
+    );
+    // The artifact was copied over SSH into the target's root.
+    let artifacts = std::fs::read_dir(root.path().join("artifacts"))
+        .unwrap()
+        .count();
+    assert_eq!(artifacts, 2, "one artifact per release");
+
+    let op = server
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/environments/{env_id}"),
+            None,
+        )
+        .await
+        .1;
+    let done = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(!root.path().join(format!("environments/{env_id}")).exists());
+    assert!(!root
+        .path()
+        .join(format!("nginx/sites/{env_id}.conf"))
+        .exists());
+}
