@@ -270,6 +270,55 @@ pub fn variables(facts: &EnvironmentFacts<'_>) -> Vec<(String, String)> {
     vars
 }
 
+/// Days from 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// Reads `YYYY-MM-DD HH:MM:SSZ` (openssl's `-dateopt iso_8601`) as milliseconds since the
+/// epoch.
+pub fn parse_iso_ms(text: &str) -> Option<i64> {
+    let text = text.trim().strip_suffix('Z')?;
+    let (date, clock) = text.split_once([' ', 'T'])?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut c = clock.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, sec) = (c.next()??, c.next()??, c.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    Some(((days_from_civil(y, m, day) * 24 + h) * 60 + min) * 60_000 + sec * 1000)
+}
+
+/// Milliseconds since the epoch as `YYYY-MM-DD HH:MM:SSZ`.
+pub fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Inverse of days_from_civil.
+    let z = days + 719468;
+    let era = if z >= 0 { z } else { z - 146096 } / 146097;
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Whether `id` is an environment id (the API answers 404 otherwise).
 pub fn is_environment_id(id: &str) -> bool {
     IdKind::Environment.matches(id)
@@ -339,6 +388,20 @@ mod tests {
                 .field,
             "aliases[0].domain"
         );
+    }
+
+    #[test]
+    fn certificate_dates_round_trip() {
+        assert_eq!(parse_iso_ms("1970-01-01 00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_iso_ms("2026-11-28 20:32:29Z"),
+            Some(1_795_897_949_000)
+        );
+        assert_eq!(format_ms(1_795_897_949_000), "2026-11-28 20:32:29Z");
+        assert_eq!(format_ms(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(parse_iso_ms("2000-02-29 00:00:00Z"), Some(951_782_400_000));
+        assert_eq!(parse_iso_ms("2026-13-01 00:00:00Z"), None);
+        assert_eq!(parse_iso_ms("yesterday"), None);
     }
 
     #[test]

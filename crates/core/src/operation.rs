@@ -51,6 +51,7 @@ string_enum!(
         EnvironmentUpdate => "environment_update",
         EnvironmentDelete => "environment_delete",
         EnvironmentVerify => "environment_verify",
+        EnvironmentRenewCertificate => "environment_renew_certificate",
         SystemNoop => "system_noop",
     }
 );
@@ -89,7 +90,8 @@ impl OperationKind {
             OperationKind::EnvironmentDeploy
             | OperationKind::EnvironmentUpdate
             | OperationKind::EnvironmentDelete
-            | OperationKind::EnvironmentVerify => SubjectType::Environment,
+            | OperationKind::EnvironmentVerify
+            | OperationKind::EnvironmentRenewCertificate => SubjectType::Environment,
             OperationKind::SystemNoop => SubjectType::System,
         }
     }
@@ -140,6 +142,7 @@ impl OperationKind {
                 "mark_deleted",
             ],
             OperationKind::EnvironmentVerify => &["check_servers", "check_health"],
+            OperationKind::EnvironmentRenewCertificate => &["obtain_certificate", "reload_nginx"],
             OperationKind::SystemNoop => &["noop"],
         }
     }

@@ -133,6 +133,12 @@ pub struct ServeArgs {
     /// The contact address of the ACME account.
     #[arg(long, env = "HEFRING_ACME_EMAIL")]
     pub acme_email: Option<String>,
+    /// Renew HTTPS certificates this many days before they end.
+    #[arg(long, env = "HEFRING_CERTIFICATE_RENEW_DAYS", default_value_t = 30)]
+    pub certificate_renew_days: u64,
+    /// How often (seconds) to look for certificates to renew.
+    #[arg(long, env = "HEFRING_CERTIFICATE_CHECK_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub certificate_check_seconds: u64,
 }
 
 #[derive(Subcommand, Debug)]

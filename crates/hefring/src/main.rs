@@ -3,6 +3,7 @@
 mod cli;
 mod client;
 mod config;
+mod renewal;
 mod serve;
 
 use clap::Parser;

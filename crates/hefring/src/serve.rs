@@ -142,6 +142,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("cannot start the workers")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let renewals = tokio::spawn(crate::renewal::run(
+        store.clone(),
+        queue.clone(),
+        Duration::from_secs(args.certificate_check_seconds),
+        Duration::from_secs(args.certificate_renew_days * 86_400),
+        stopped.clone(),
+    ));
     let workers = engine.start(stopped);
 
     let state = hefring_api::AppState {
@@ -171,6 +178,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     for worker in workers {
         worker.abort();
     }
+    renewals.abort();
     Ok(())
 }
 

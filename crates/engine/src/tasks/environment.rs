@@ -680,10 +680,50 @@ pub async fn obtain_certificate(t: &TaskContext<'_>) -> TaskResult {
     site.server
         .write_file(&layout.tls_certificate(site.id()), &chain_pem, "644", None)
         .await?;
+    let not_after = certificate_end(&chain_pem).await?;
     t.log.info(format!(
-        "certificate for {} from {issuer}",
-        names.join(", ")
+        "certificate for {} from {issuer}, valid until {}",
+        names.join(", "),
+        environment::format_ms(not_after)
     ));
+    // What renewal looks at: when it ends and which names it covers.
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut site = site;
+    site.env.resources["certificate"] = json!({ "not_after": not_after, "names": names });
+    save_env(t, &mut site.env).await?;
+    Ok(TaskOutput::done())
+}
+
+/// When the first certificate of a PEM chain expires, in milliseconds since the epoch.
+async fn certificate_end(chain_pem: &str) -> Result<i64, TaskError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-dateopt", "iso_8601"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| TaskError(format!("openssl: {e}")))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(chain_pem.as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // notAfter=2027-02-23 20:30:42Z
+    text.trim()
+        .strip_prefix("notAfter=")
+        .and_then(environment::parse_iso_ms)
+        .ok_or_else(|| {
+            TaskError(format!(
+                "cannot read the certificate's end: {}",
+                text.trim()
+            ))
+        })
+}
+
+pub async fn reload_nginx(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    site.server.reload_nginx().await?;
     Ok(TaskOutput::done())
 }
 

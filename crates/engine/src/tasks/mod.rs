@@ -35,7 +35,10 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::EnvironmentDeploy | K::EnvironmentUpdate, "unpack_release") => {
             environment::unpack_release(t).await
         }
-        (K::EnvironmentDeploy, "obtain_certificate") => environment::obtain_certificate(t).await,
+        (K::EnvironmentDeploy | K::EnvironmentRenewCertificate, "obtain_certificate") => {
+            environment::obtain_certificate(t).await
+        }
+        (K::EnvironmentRenewCertificate, "reload_nginx") => environment::reload_nginx(t).await,
         (K::EnvironmentDeploy, "write_pool") => environment::write_pool(t).await,
         (K::EnvironmentDeploy, "write_server_block") => environment::write_server_block(t).await,
         (K::EnvironmentDeploy, "run_install_commands") => {
@@ -71,7 +74,8 @@ pub async fn after_failure(t: &TaskContext<'_>, error: &str) {
         OperationKind::EnvironmentDeploy
         | OperationKind::EnvironmentUpdate
         | OperationKind::EnvironmentDelete
-        | OperationKind::EnvironmentVerify => environment::mark_failed(t).await,
+        | OperationKind::EnvironmentVerify
+        | OperationKind::EnvironmentRenewCertificate => environment::mark_failed(t).await,
         _ => Ok(()),
     };
     if let Err(e) = outcome {

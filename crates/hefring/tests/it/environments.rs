@@ -840,3 +840,71 @@ async fn https_certificates_come_from_an_acme_server_that_validates_http_01() {
         .await
         .is_err());
 }
+
+/// The serial number of the certificate nginx presents for `domain` on `port`.
+fn served_serial(domain: &str, port: u16) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"openssl s_client -connect "127.0.0.1:$1" -servername "$2" </dev/null 2>/dev/null | openssl x509 -noout -serial"#)
+        .arg("sh")
+        .arg(port.to_string())
+        .arg(domain)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_renewed_through_the_queue_before_they_end() {
+    // Local CA certificates last 90 days: a 100-day window makes every one due at once.
+    let server = Server::start_with(
+        &[
+            "--certificate-renew-days",
+            "100",
+            "--certificate-check-seconds",
+            "1",
+        ],
+        &[],
+    )
+    .await;
+    let root = target_root();
+    let (target, _, https) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project, "target": target, "domain": "renew.test", "https": "on"}),
+        )
+        .await;
+    let env_id = env["id"].as_str().unwrap().to_string();
+    let op = deploy(&server, &env_id, &release, "deploy").await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let first = served_serial("renew.test", https);
+    assert!(first.starts_with("serial="), "{first}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let renewal = loop {
+        let (_, ops) = server
+            .get(&format!("/operations?subject={env_id}&status=succeeded"))
+            .await;
+        if let Some(op) = ops["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|op| op["kind"] == "environment_renew_certificate")
+        {
+            break op.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no renewal ran: {ops}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(renewal["requested_by"], "hefring");
+    let renewed = served_serial("renew.test", https);
+    assert!(renewed.starts_with("serial="), "{renewed}");
+    assert_ne!(first, renewed, "nginx serves the renewed certificate");
+}
