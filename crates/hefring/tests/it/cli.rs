@@ -147,3 +147,73 @@ async fn settings_come_from_the_configuration_file_and_a_second_server_is_refuse
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_deploys_shows_and_removes_an_environment() {
+    use crate::environments::{
+        add_project, app_repo, build, local_target, page, site_client, target_root,
+    };
+    let server = Server::start().await;
+    let root = target_root();
+    let (_, http, _) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    add_project(&server, "app", &repo).await;
+    let project = server.get("/projects").await.1["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let release = build(&server, &project).await;
+    let run = |args: &[&str]| server.command().args(args).output().unwrap();
+
+    let out = run(&[
+        "env",
+        "create",
+        "live",
+        "--project",
+        "app",
+        "--target",
+        "web",
+        "--domain",
+        "cli.test",
+        "--redirect",
+        "www.cli.test",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let env: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(env["aliases"][0]["redirect"], true);
+
+    let out = run(&["env", "deploy", "live", "--release", &release, "--follow"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("check_health"), "{}", stdout(&out));
+
+    let out = run(&["env", "list"]);
+    assert!(stdout(&out).contains("active"), "{}", stdout(&out));
+    let out = run(&["env", "show", "live"]);
+    assert!(
+        stdout(&out).contains(&format!("http://cli.test:{http}/")),
+        "{}",
+        stdout(&out)
+    );
+    let (_, body) = page(
+        &site_client(&["cli.test"], http, None),
+        &format!("http://cli.test:{http}/"),
+    )
+    .await;
+    assert!(body.contains("release=1"), "{body}");
+
+    // A deploy of an active environment is refused with one clear line.
+    let out = run(&["env", "deploy", "live", "--release", &release]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("use update"), "{}", stderr(&out));
+
+    let out = run(&["env", "rm", "live", "-f"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["env", "show", "live"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a deleted environment is not listed by name"
+    );
+}
