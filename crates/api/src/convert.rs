@@ -44,6 +44,11 @@ pub fn target(t: TargetRecord) -> wire::Target {
             user: Some(t.settings.postgresql.user),
             password: None,
         },
+        system_nginx: t.settings.system_nginx.map(|n| wire::SystemNginx {
+            sites_dir: n.sites_dir,
+            test_command: Some(n.test_command),
+            reload_command: Some(n.reload_command),
+        }),
         created_at: timestamp(t.created_at),
         updated_at: timestamp(t.updated_at),
     }
@@ -125,8 +130,14 @@ pub fn operation(o: OperationRecord) -> wire::Operation {
 pub fn target_settings(
     mariadb: Option<wire::MariadbAdmin>,
     postgresql: Option<wire::PostgresqlAdmin>,
+    system_nginx: Option<wire::SystemNginx>,
 ) -> TargetSettings {
-    let mut settings = TargetSettings::default();
+    let mut settings = TargetSettings {
+        system_nginx: system_nginx.map(|n| {
+            hefring_core::target::SystemNginx::new(n.sites_dir, n.test_command, n.reload_command)
+        }),
+        ..Default::default()
+    };
     if let Some(m) = mariadb {
         let admin = &mut settings.mariadb;
         if m.socket.is_some() || m.host.is_some() {

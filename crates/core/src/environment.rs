@@ -147,9 +147,11 @@ pub fn database_name(env: &str) -> String {
 }
 
 /// The host name of the preview server block an update checks the new release through before
-/// it switches. `.invalid` can never be a real domain (RFC 2606).
+/// it switches. `.invalid` can never be a real domain (RFC 2606). Short (36 characters), so
+/// that it fits a system nginx's default `server_names_hash_bucket_size` of 64, which holds
+/// names up to 38 characters on 64-bit machines.
 pub fn preview_domain(env: &str) -> String {
-    format!("preview-{}.hefring.invalid", id_tail(env))
+    format!("p-{}.invalid", id_tail(env))
 }
 
 /// The environment's address: scheme, primary domain and the port when not the default.

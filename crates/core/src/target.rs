@@ -66,6 +66,41 @@ impl Host {
 pub struct TargetSettings {
     pub mariadb: MariadbAdmin,
     pub postgresql: PostgresqlAdmin,
+    /// `None`: Hefring runs its own nginx on the target. Set: the Aegir3 layout, where a
+    /// system-managed nginx includes the directory Hefring writes server blocks into.
+    pub system_nginx: Option<SystemNginx>,
+}
+
+/// A system-managed nginx that serves Hefring's server blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemNginx {
+    /// The directory whose `*.conf` the system nginx includes in its `http` block.
+    pub sites_dir: String,
+    /// The command (argv) that tests its configuration.
+    #[serde(default = "default_nginx_test")]
+    pub test_command: Vec<String>,
+    /// The command (argv) that reloads it gracefully.
+    #[serde(default = "default_nginx_reload")]
+    pub reload_command: Vec<String>,
+}
+
+fn default_nginx_test() -> Vec<String> {
+    vec!["nginx".into(), "-t".into(), "-q".into()]
+}
+
+fn default_nginx_reload() -> Vec<String> {
+    vec!["nginx".into(), "-s".into(), "reload".into()]
+}
+
+impl SystemNginx {
+    pub fn new(sites_dir: String, test: Option<Vec<String>>, reload: Option<Vec<String>>) -> Self {
+        SystemNginx {
+            sites_dir,
+            test_command: test.unwrap_or_else(default_nginx_test),
+            reload_command: reload.unwrap_or_else(default_nginx_reload),
+        }
+    }
 }
 
 /// MariaDB (or MySQL) administration: by default root over the unix socket, as Debian sets up.

@@ -69,8 +69,22 @@ pub struct Target {
     pub mariadb: MariadbAdmin,
     /// How Hefring administers the target's PostgreSQL (passwords are never shown).
     pub postgresql: PostgresqlAdmin,
+    /// Set when a system-managed nginx serves the sites (the Aegir3 layout).
+    pub system_nginx: Option<SystemNginx>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// A system-managed nginx that includes the directory Hefring writes server blocks into.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SystemNginx {
+    /// The directory whose `*.conf` the system nginx includes in its `http` block.
+    pub sites_dir: String,
+    /// The command (argv) that tests its configuration; default `["nginx", "-t", "-q"]`.
+    pub test_command: Option<Vec<String>>,
+    /// The command (argv) that reloads it; default `["nginx", "-s", "reload"]`.
+    pub reload_command: Option<Vec<String>>,
 }
 
 /// A MariaDB admin connection. Defaults: root over `/run/mysqld/mysqld.sock`.
@@ -116,6 +130,8 @@ pub struct CreateTarget {
     pub host_key: Option<String>,
     pub mariadb: Option<MariadbAdmin>,
     pub postgresql: Option<PostgresqlAdmin>,
+    /// Serve the sites through a system-managed nginx instead of Hefring's own.
+    pub system_nginx: Option<SystemNginx>,
 }
 
 fn default_kind() -> String {

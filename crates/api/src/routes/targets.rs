@@ -99,7 +99,7 @@ pub async fn create(
     if let Some(key) = &body.host_key {
         check_host_key(key)?;
     }
-    let settings = convert::target_settings(body.mariadb, body.postgresql);
+    let settings = convert::target_settings(body.mariadb, body.postgresql, body.system_nginx);
     settings.check()?;
     let now = now_ms();
     let id = new_id(IdKind::Target, now);

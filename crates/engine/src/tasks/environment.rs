@@ -160,6 +160,10 @@ impl<'a> Site<'a> {
     /// links, so an update changes links only and never reloads nginx (a reload closes idle
     /// keep-alive connections, which a client may be about to use).
     fn site_config(&self, manifest: &Manifest) -> Result<String, TaskError> {
+        self.site_config_with(manifest, self.env.https)
+    }
+
+    fn site_config_with(&self, manifest: &Manifest, https: Https) -> Result<String, TaskError> {
         let nginx_instance = self.server.nginx();
         let fpm_instance = self.server.fpm();
         let layout = self.layout();
@@ -167,7 +171,7 @@ impl<'a> Site<'a> {
             "." => base,
             sub => format!("{base}/{sub}"),
         };
-        let tls = (self.env.https != Https::Off).then(|| Tls {
+        let tls = (https != Https::Off).then(|| Tls {
             certificate: layout.tls_certificate(self.id()),
             key: layout.tls_key(self.id()),
         });
@@ -175,7 +179,7 @@ impl<'a> Site<'a> {
             id: self.env.id.clone(),
             domain: self.env.domain.clone(),
             aliases: self.env.aliases.clone(),
-            https: self.env.https,
+            https,
             tls,
             http_port: self.server.target.http_port,
             https_port: self.server.target.https_port,
@@ -205,7 +209,7 @@ impl<'a> Site<'a> {
     /// back, so the sites it serves keep being served.
     async fn write_server_blocks(&self, manifest: &Manifest) -> Result<(), TaskError> {
         let nginx_instance = self.server.nginx();
-        let file = nginx_instance.site_file(self.id());
+        let file = self.server.site_file(self.id());
         let text = self.site_config(manifest)?;
         let before = self.server.read_file(&file).await?;
         self.server
@@ -653,7 +657,9 @@ pub async fn obtain_certificate(t: &TaskContext<'_>) -> TaskResult {
     let layout = site.layout();
     let (chain_pem, key_pem, issuer) = match &t.ctx.acme {
         Some(config) => {
-            let issued = acme_certificate(&site, config, &names, &t.ctx.data_dir).await?;
+            let manifest = manifest(t).ok();
+            let issued =
+                acme_certificate(&site, manifest.as_ref(), config, &names, &t.ctx.data_dir).await?;
             (issued.chain_pem, issued.key_pem, config.directory.clone())
         }
         None => {
@@ -731,6 +737,7 @@ pub async fn reload_nginx(t: &TaskContext<'_>) -> TaskResult {
 /// its ACME directory (every server block, and the catch-all for names not served yet).
 async fn acme_certificate(
     site: &Site<'_>,
+    manifest: Option<&Manifest>,
     config: &crate::acme::AcmeConfig,
     names: &[&str],
     data_dir: &Path,
@@ -738,6 +745,16 @@ async fn acme_certificate(
     let mut client = crate::acme::AcmeClient::connect(config, data_dir)
         .await
         .map_err(|e| TaskError(e.to_string()))?;
+    // A site served for the first time needs its HTTP block before the ACME server can
+    // reach it (a system nginx has no catch-all of Hefring's answering challenges).
+    let file = site.server.site_file(site.id());
+    if site.server.read_file(&file).await?.is_none() {
+        if let Some(manifest) = manifest {
+            let text = site.site_config_with(manifest, Https::Off)?;
+            site.server.write_file(&file, &text, "644", None).await?;
+            site.server.reload_nginx().await?;
+        }
+    }
     let acme_dir = site.server.nginx().acme_dir();
     let published = std::sync::Mutex::new(Vec::new());
     let result = client
@@ -1119,7 +1136,7 @@ pub async fn remove_server_block(t: &TaskContext<'_>) -> TaskResult {
     let nginx_instance = site.server.nginx();
     site.server
         .remove(&[
-            nginx_instance.site_file(site.id()),
+            site.server.site_file(site.id()),
             nginx_instance.disabled_page_file(site.id()),
         ])
         .await?;

@@ -112,6 +112,23 @@ impl<'a> Server<'a> {
         )
     }
 
+    /// The system-managed nginx serving the sites, when the target uses one.
+    fn system_nginx(&self) -> Option<&hefring_core::target::SystemNginx> {
+        self.target.settings.system_nginx.as_ref()
+    }
+
+    /// Where an environment's server blocks go: Hefring's own nginx's sites directory, or
+    /// the directory the system nginx includes.
+    pub fn site_file(&self, environment: &str) -> String {
+        match self.system_nginx() {
+            Some(system) => format!(
+                "{}/hefring-{environment}.conf",
+                system.sites_dir.trim_end_matches('/')
+            ),
+            None => self.nginx().site_file(environment),
+        }
+    }
+
     pub fn fpm(&self) -> FpmInstance {
         self.layout.fpm(&self.accounts)
     }
@@ -233,11 +250,17 @@ impl<'a> Server<'a> {
         dirs.extend(nginx.directories());
         dirs.extend(fpm.directories());
         self.mkdirs(&dirs, "755").await?;
+        if let Some(system) = self.system_nginx() {
+            // The sites' logs, pages and ACME challenges still live below the root.
+            self.mkdirs(std::slice::from_ref(&system.sites_dir), "755")
+                .await?;
+        }
         let nginx_conf = nginx::main_config(&nginx).map_err(|e| TaskError(e.to_string()))?;
         let fpm_conf = fpm::master_config(&fpm).map_err(|e| TaskError(e.to_string()))?;
         let nginx_changed =
             self.read_file(&nginx.config_file()).await?.as_deref() != Some(&nginx_conf);
         let fpm_changed = self.read_file(&fpm.config_file()).await?.as_deref() != Some(&fpm_conf);
+        let nginx_changed = nginx_changed && self.system_nginx().is_none();
         if nginx_changed {
             self.write_file(&nginx.config_file(), &nginx_conf, "644", None)
                 .await?;
@@ -257,7 +280,9 @@ impl<'a> Server<'a> {
         } else if fpm_changed {
             self.reload_fpm().await?;
         }
-        if !self.running(&nginx.pid_file()).await? {
+        if self.system_nginx().is_some() {
+            // Not Hefring's to start: the system runs it.
+        } else if !self.running(&nginx.pid_file()).await? {
             self.test_nginx().await?;
             self.log.info("starting nginx");
             let bin = tool(&self.target, "nginx");
@@ -281,6 +306,17 @@ impl<'a> Server<'a> {
     }
 
     pub async fn test_nginx(&self) -> Result<(), TaskError> {
+        if let Some(system) = self.system_nginx() {
+            let code = self
+                .run(&CommandSpec::new(system.test_command.clone()))
+                .await?;
+            return match code {
+                Some(0) => Ok(()),
+                other => Err(TaskError(format!(
+                    "the system nginx's configuration test failed (exit status {other:?})"
+                ))),
+            };
+        }
         let bin = tool(&self.target, "nginx");
         self.sh_run(
             &bin,
@@ -303,6 +339,17 @@ impl<'a> Server<'a> {
     /// Tests the configuration, then reloads gracefully (or starts nginx if it is down).
     pub async fn reload_nginx(&self) -> Result<(), TaskError> {
         self.test_nginx().await?;
+        if let Some(system) = self.system_nginx() {
+            let code = self
+                .run(&CommandSpec::new(system.reload_command.clone()))
+                .await?;
+            return match code {
+                Some(0) => Ok(()),
+                other => Err(TaskError(format!(
+                    "reloading the system nginx failed (exit status {other:?})"
+                ))),
+            };
+        }
         let nginx = self.nginx();
         let bin = tool(&self.target, "nginx");
         if self.running(&nginx.pid_file()).await? {
@@ -365,6 +412,9 @@ impl<'a> Server<'a> {
     /// Whether the nginx master runs (a deleted environment's block need not be reloaded away
     /// when nothing serves it).
     pub async fn nginx_running(&self) -> Result<bool, TaskError> {
+        if self.system_nginx().is_some() {
+            return Ok(true);
+        }
         self.running(&self.nginx().pid_file()).await
     }
 

@@ -908,3 +908,151 @@ async fn certificates_are_renewed_through_the_queue_before_they_end() {
     assert!(renewed.starts_with("serial="), "{renewed}");
     assert_ne!(first, renewed, "nginx serves the renewed certificate");
 }
+
+/// A "system" nginx of the test's own, run the way a distribution runs it: its own main
+/// configuration including a sites directory, workers as www-data.
+struct SystemNginx {
+    dir: tempfile::TempDir,
+}
+
+impl SystemNginx {
+    fn start() -> SystemNginx {
+        let dir = tempfile::Builder::new()
+            .prefix("hfsys-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = dir.path().display();
+        std::fs::create_dir_all(dir.path().join("sites.d")).unwrap();
+        std::fs::create_dir_all(dir.path().join("temp")).unwrap();
+        std::fs::write(
+            dir.path().join("nginx.conf"),
+            format!(
+                "user www-data;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+                 events {{ worker_connections 64; }}\n\
+                 http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/temp/body;\n\
+                 fastcgi_temp_path {d}/temp/fastcgi;\n  proxy_temp_path {d}/temp/proxy;\n\
+                 uwsgi_temp_path {d}/temp/uwsgi;\n  scgi_temp_path {d}/temp/scgi;\n\
+                 include {d}/sites.d/*.conf;\n}}\n"
+            ),
+        )
+        .unwrap();
+        let nginx = SystemNginx { dir };
+        let status = Command::new("nginx")
+            .args(nginx.args(&[]))
+            .status()
+            .unwrap();
+        assert!(status.success(), "the test's system nginx did not start");
+        nginx
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let d = self.dir.path().display();
+        let mut args = vec![
+            "-p".to_string(),
+            format!("{d}/"),
+            "-c".into(),
+            format!("{d}/nginx.conf"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+}
+
+impl Drop for SystemNginx {
+    fn drop(&mut self) {
+        let _ = Command::new("nginx")
+            .args(self.args(&["-s", "stop"]))
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_nginx_can_serve_the_sites_in_the_aegir3_layout() {
+    let server = Server::start().await;
+    let system = SystemNginx::start();
+    let root = target_root();
+    let (http, https) = (free_port(), free_port());
+    let sites = system.dir.path().join("sites.d");
+    let command = |extra: &[&str]| {
+        let mut argv = vec!["nginx".to_string()];
+        argv.extend(system.args(extra));
+        argv
+    };
+    let target = server
+        .create(
+            "/targets",
+            json!({"name": "aegir", "host": "local", "root": root.path(), "http_port": http, "https_port": https,
+                   "system_nginx": {"sites_dir": sites, "test_command": command(&["-t", "-q"]),
+                                    "reload_command": command(&["-s", "reload"])}}),
+        )
+        .await;
+    assert_eq!(
+        target["system_nginx"]["sites_dir"],
+        sites.to_string_lossy().as_ref()
+    );
+    let target = target["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(&format!("/targets/{target}/verify"), None)
+        .await;
+    assert_eq!(
+        server.wait_op(op["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project, "target": target, "domain": "aegir.test"}),
+        )
+        .await;
+    let env_id = env["id"].as_str().unwrap().to_string();
+    let op = deploy(&server, &env_id, &release, "deploy").await;
+    assert_eq!(
+        op["status"],
+        "succeeded",
+        "{op}\n{}",
+        server.log_text(op["id"].as_str().unwrap()).await
+    );
+    let block = sites.join(format!("hefring-{env_id}.conf"));
+    assert!(
+        block.exists(),
+        "the server block goes where the system nginx reads it"
+    );
+    assert!(
+        !root.path().join("nginx/nginx.pid").exists(),
+        "Hefring started no nginx of its own"
+    );
+    let (status, body) = page(
+        &site_client(&["aegir.test"], http, None),
+        &format!("http://aegir.test:{http}/"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("release=1"), "{body}");
+
+    let op = server
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/environments/{env_id}"),
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(
+        server.wait_op(op["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    assert!(!block.exists());
+    let (status, _) = page(
+        &site_client(&["aegir.test"], http, None),
+        &format!("http://aegir.test:{http}/"),
+    )
+    .await;
+    assert!(
+        status != StatusCode::OK,
+        "the system nginx no longer serves it"
+    );
+}
