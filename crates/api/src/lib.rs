@@ -21,6 +21,11 @@ pub use auth::{hash_token, new_token};
 pub use error::ApiError;
 pub use submit::job_for;
 
+/// An operation as the API shows it (for results sent to Celery clients).
+pub fn operation_json(op: &hefring_store::OperationRecord) -> serde_json::Value {
+    serde_json::to_value(convert::operation(op.clone())).unwrap_or_default()
+}
+
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {

@@ -28,6 +28,9 @@ pub enum Observed<'a> {
 
 pub type Observer = Arc<dyn Fn(Observed<'_>) + Send + Sync>;
 
+/// How a finished operation is shown to a client waiting on its result (the API's JSON).
+pub type Describe = Arc<dyn Fn(&OperationRecord) -> Value + Send + Sync>;
+
 #[derive(Clone)]
 pub struct EngineConfig {
     /// Operations run at once by this process.
@@ -44,6 +47,8 @@ pub struct EngineConfig {
     pub observer: Option<Observer>,
     /// Where HTTPS certificates come from; `None`: the installation's local CA.
     pub acme: Option<crate::acme::AcmeConfig>,
+    /// How results sent to waiting clients show an operation; `None`: a summary.
+    pub describe: Option<Describe>,
 }
 
 impl EngineConfig {
@@ -57,6 +62,7 @@ impl EngineConfig {
             data_dir,
             observer: None,
             acme: None,
+            describe: None,
         }
     }
 }
@@ -142,9 +148,18 @@ impl Engine {
             };
             match delivery {
                 Ok(delivery) => {
-                    if let Delivery::Operation { id, .. } = &delivery {
-                        if let Err(e) = self.claim_and_run(&owner, Some(id)).await {
-                            tracing::warn!(operation = %id, error = %e, "claiming a delivered operation failed");
+                    if let Delivery::Operation {
+                        id, announcement, ..
+                    } = &delivery
+                    {
+                        if let Err(e) = self
+                            .handle_delivery(&owner, id, announcement.as_ref(), &shutdown)
+                            .await
+                        {
+                            tracing::warn!(operation = %id, error = %e, "handling a delivered operation failed");
+                            // Not acked: the broker delivers it again (to this or another
+                            // worker) once this channel is gone or the message is rejected.
+                            continue;
                         }
                     }
                     if let Err(e) = self.queue.ack(&delivery).await {
@@ -156,6 +171,118 @@ impl Engine {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+    }
+
+    /// A message named an operation: create it if a foreign client (Python Celery) sent it,
+    /// run it (or wait while its subject is busy or another worker runs it) until it ends, and
+    /// send its outcome to a client waiting for it. Answers once the outcome is committed, so
+    /// the message can be acked.
+    async fn handle_delivery(
+        &self,
+        owner: &str,
+        id: &str,
+        announcement: Option<&hefring_queue::Announcement>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        let store = &self.ctx.store;
+        let mut id = id.to_string();
+        if store.get_operation(&id).await?.is_none() {
+            let Some(announcement) = announcement else {
+                return Ok(());
+            };
+            match self.create_announced(&id, announcement).await? {
+                Ok(existing) => id = existing,
+                Err(refusal) => {
+                    tracing::warn!(operation = %id, error = %refusal, "refusing a message");
+                    if let Some(reply_to) = &announcement.reply_to {
+                        let outcome = hefring_queue::Outcome {
+                            operation_id: id.clone(),
+                            succeeded: false,
+                            operation: Value::Null,
+                            error: Some(refusal),
+                        };
+                        if let Err(e) = self.queue.reply(reply_to, &outcome).await {
+                            tracing::warn!(operation = %id, error = %e, "replying failed");
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let finished = loop {
+            if *shutdown.borrow() {
+                // Not finished here: the message stays unacked and comes back.
+                return Err(StoreError::LeaseLost(id));
+            }
+            if !self.claim_and_run(owner, Some(&id)).await? {
+                match store.get_operation(&id).await? {
+                    Some(op) if op.status.is_terminal() => break op,
+                    Some(_) => tokio::time::sleep(self.config.poll).await,
+                    None => return Ok(()),
+                }
+            }
+        };
+        if let Some(reply_to) = announcement.and_then(|a| a.reply_to.as_ref()) {
+            let outcome = hefring_queue::Outcome {
+                operation_id: finished.id.clone(),
+                succeeded: finished.status == OperationStatus::Succeeded,
+                operation: match &self.config.describe {
+                    Some(describe) => describe(&finished),
+                    None => {
+                        json!({ "id": finished.id, "kind": finished.kind, "status": finished.status, "result": finished.result, "error": finished.error })
+                    }
+                },
+                error: finished.error.clone(),
+            };
+            if let Err(e) = self.queue.reply(reply_to, &outcome).await {
+                tracing::warn!(operation = %finished.id, error = %e, "replying failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the operation a foreign message asks for, with the message's id. Answers the
+    /// id to follow (an identical active operation's, if there is one), or why the message is
+    /// refused.
+    async fn create_announced(
+        &self,
+        id: &str,
+        announcement: &hefring_queue::Announcement,
+    ) -> Result<Result<String, String>, StoreError> {
+        use hefring_core::operation::OperationKind;
+        let Some(kind) = OperationKind::parse(&announcement.kind) else {
+            return Ok(Err(format!(
+                "hefring has no operation named {}",
+                announcement.kind
+            )));
+        };
+        let subject_key = kind.subject_type().as_str();
+        let mut inputs = match &announcement.kwargs {
+            Value::Object(map) => map.clone(),
+            _ => return Ok(Err("the kwargs must be an object".into())),
+        };
+        let subject = match inputs.remove(subject_key) {
+            Some(Value::String(subject)) => subject,
+            _ => return Ok(Err(format!(
+                "{} needs the {subject_key} id in its kwargs (kwargs={{\"{subject_key}\": ID}})",
+                announcement.kind
+            ))),
+        };
+        let now = now_ms();
+        let mut new = hefring_store::NewOperation::planned(
+            kind,
+            &subject,
+            Value::Object(inputs),
+            "celery",
+            now,
+        );
+        new.id = id.to_string();
+        new.queue = announcement.queue.clone();
+        match self.ctx.store.create_operation(&new, now).await {
+            Ok(op) => Ok(Ok(op.id)),
+            Err(StoreError::Duplicate { existing }) => Ok(Ok(existing)),
+            Err(e) => Err(e),
         }
     }
 

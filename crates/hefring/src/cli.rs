@@ -64,6 +64,9 @@ pub enum Output {
 pub enum Command {
     /// Run the whole system in one process: API, workers, embedded queue.
     Serve(ServeArgs),
+    /// Run operations announced on RabbitMQ (with `--broker-url` and a shared
+    /// `--database-url`), on any number of machines.
+    Worker(WorkerArgs),
     /// Administration that works on the state directly.
     Admin {
         #[command(subcommand)]
@@ -110,12 +113,42 @@ pub enum Command {
 pub struct ServeArgs {
     #[command(flatten)]
     pub state: StateArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Address to listen on.
     #[arg(long, env = "HEFRING_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Operations run at once.
+    /// Operations run at once in this process (0: none; `hefring worker` processes run them).
     #[arg(long, env = "HEFRING_WORKERS", default_value_t = 4)]
     pub workers: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub state: StateArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The queues to serve, comma-separated (`hefring`, `hefring.target.<id>`, ...).
+    #[arg(
+        long,
+        env = "HEFRING_QUEUES",
+        value_delimiter = ',',
+        default_value = "hefring"
+    )]
+    pub queues: Vec<String>,
+    /// Operations run at once by this worker (also its broker prefetch).
+    #[arg(long, env = "HEFRING_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+}
+
+/// How operations run, wherever they run (`serve` or `worker`).
+#[derive(Args, Debug)]
+pub struct EngineArgs {
+    /// RabbitMQ (`amqp://user:pass@host:5672/vhost`): operations are announced there as Celery
+    /// protocol 2 messages. Without it, everything runs in `serve`'s process.
+    #[arg(long, env = "HEFRING_BROKER_URL", hide_env_values = true)]
+    pub broker_url: Option<String>,
     /// Seconds one task may run before it is killed and fails.
     #[arg(long, env = "HEFRING_TASK_TIMEOUT", default_value_t = 3600)]
     pub task_timeout: u64,

@@ -32,6 +32,7 @@ fn main() {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::serve(args).await.map(|_| 0),
+            Command::Worker(args) => serve::worker(args).await.map(|_| 0),
             Command::Admin {
                 command: AdminCommand::CreateToken { state, name },
             } => serve::create_token(state, name).await.map(|_| 0),

@@ -9,10 +9,11 @@ use anyhow::{bail, Context, Result};
 use hefring_core::operation::OperationKind;
 use hefring_core::{new_id, IdKind};
 use hefring_engine::{time::now_ms, Engine, EngineConfig};
+use hefring_queue::amqp::{AmqpOptions, AmqpQueue};
 use hefring_queue::{EmbeddedQueue, Queue};
 use hefring_store::{NewOperation, Store, TargetRecord, TokenRecord};
 
-use crate::cli::{ServeArgs, StateArgs};
+use crate::cli::{EngineArgs, ServeArgs, StateArgs, WorkerArgs};
 
 /// The data directory, created if needed, as an absolute path.
 fn data_dir(state: &StateArgs) -> Result<PathBuf> {
@@ -108,6 +109,53 @@ async fn register_local_target(
     Ok(())
 }
 
+/// The engine's settings from the command line.
+fn engine_config(
+    args: &EngineArgs,
+    dir: &Path,
+    workers: usize,
+    queues: Vec<String>,
+) -> EngineConfig {
+    let mut config = EngineConfig::new(dir.to_path_buf());
+    config.workers = workers;
+    config.queues = queues;
+    config.task_timeout = Duration::from_secs(args.task_timeout);
+    config.lease = Duration::from_secs(args.lease_seconds);
+    config.acme = args
+        .acme_directory
+        .clone()
+        .map(|directory| hefring_engine::acme::AcmeConfig {
+            directory,
+            ca_file: args.acme_ca_file.clone(),
+            email: args.acme_email.clone(),
+        });
+    config.describe = Some(Arc::new(hefring_api::operation_json));
+    config
+}
+
+/// RabbitMQ, consuming `queues` (none: publish only).
+async fn broker(url: &str, queues: Vec<String>, prefetch: u16) -> Result<Arc<dyn Queue>> {
+    let options = AmqpOptions {
+        queues,
+        prefetch: prefetch.max(1),
+        ..AmqpOptions::default()
+    };
+    let queue = AmqpQueue::connect(url, options)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to the broker: {e}"))?;
+    Ok(Arc::new(queue))
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let dir = data_dir(&args.state)?;
     let _lock = lock_data_dir(&dir)?;
@@ -123,33 +171,41 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             );
         }
     }
-    let queue: Arc<dyn Queue> = Arc::new(EmbeddedQueue::new());
+    let queue: Arc<dyn Queue> = match &args.engine.broker_url {
+        Some(url) => {
+            let consumed = if args.workers > 0 {
+                vec![hefring_queue::amqp::DEFAULT_QUEUE.to_string()]
+            } else {
+                Vec::new()
+            };
+            broker(url, consumed, args.workers as u16).await?
+        }
+        None => Arc::new(EmbeddedQueue::new()),
+    };
     register_local_target(&store, &queue, &dir).await?;
 
-    let mut config = EngineConfig::new(dir.clone());
-    config.workers = args.workers;
-    config.task_timeout = Duration::from_secs(args.task_timeout);
-    config.lease = Duration::from_secs(args.lease_seconds);
-    config.acme = args
-        .acme_directory
-        .clone()
-        .map(|directory| hefring_engine::acme::AcmeConfig {
-            directory,
-            ca_file: args.acme_ca_file.clone(),
-            email: args.acme_email.clone(),
-        });
-    let engine = Engine::new(store.clone(), queue.clone(), config)
-        .await
-        .context("cannot start the workers")?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let renewals = tokio::spawn(crate::renewal::run(
         store.clone(),
         queue.clone(),
-        Duration::from_secs(args.certificate_check_seconds),
-        Duration::from_secs(args.certificate_renew_days * 86_400),
+        Duration::from_secs(args.engine.certificate_check_seconds),
+        Duration::from_secs(args.engine.certificate_renew_days * 86_400),
         stopped.clone(),
     ));
-    let workers = engine.start(stopped);
+    let workers = if args.workers > 0 {
+        // With a broker, this process serves the default queue like any worker.
+        let queues = match &args.engine.broker_url {
+            Some(_) => vec![hefring_queue::amqp::DEFAULT_QUEUE.to_string()],
+            None => Vec::new(),
+        };
+        let config = engine_config(&args.engine, &dir, args.workers, queues);
+        let engine = Engine::new(store.clone(), queue.clone(), config)
+            .await
+            .context("cannot start the workers")?;
+        engine.start(stopped)
+    } else {
+        Vec::new()
+    };
 
     let state = hefring_api::AppState {
         store,
@@ -164,21 +220,60 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         "hefring listening on http://{address} (data in {})",
         dir.display()
     );
-    hefring_api::serve(listener, state, async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    })
-    .await?;
+    hefring_api::serve(listener, state, stop_signal()).await?;
     let _ = stop.send(true);
     // Running operations keep their leases; the next start resumes them.
     for worker in workers {
         worker.abort();
     }
     renewals.abort();
+    Ok(())
+}
+
+/// `hefring worker`: runs the operations announced on the broker's `--queues`, against the
+/// shared state database. Any number of workers, on any machines, can serve the same queues:
+/// the store's leases decide who runs what.
+pub async fn worker(args: WorkerArgs) -> Result<()> {
+    let dir = data_dir(&args.state)?;
+    let Some(url) = &args.engine.broker_url else {
+        bail!("hefring worker needs --broker-url (HEFRING_BROKER_URL): it takes its work from RabbitMQ");
+    };
+    for queue in &args.queues {
+        let ok = !queue.is_empty()
+            && queue.len() <= 255
+            && queue
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            bail!("--queues: {queue:?} is not a queue name (letters, digits, '.', '_', '-')");
+        }
+    }
+    let (store, _) = open_store(&args.state, &dir).await?;
+    let queue = broker(url, args.queues.clone(), args.concurrency).await?;
+    let config = engine_config(
+        &args.engine,
+        &dir,
+        args.concurrency as usize,
+        args.queues.clone(),
+    );
+    let engine = Engine::new(store, queue, config)
+        .await
+        .context("cannot start the workers")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workers = engine.start(stopped);
+    println!(
+        "hefring worker {} serving {} with {} at once",
+        engine.name(),
+        args.queues.join(","),
+        args.concurrency
+    );
+    stop_signal().await;
+    let _ = stop.send(true);
+    // Unacked deliveries go back to the broker with the connection; leases expire and any
+    // worker resumes the operations.
+    for worker in workers {
+        worker.abort();
+    }
     Ok(())
 }
 

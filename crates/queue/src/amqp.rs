@@ -45,7 +45,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::celery::{self, EncodedMessage, Properties, TaskMessage};
-use crate::{Delivery, Job, Queue, QueueError};
+use crate::{Announcement, Delivery, Job, Outcome, Queue, QueueError};
+
+/// Celery task names of operations are `hefring.<operation kind>`.
+pub const TASK_PREFIX: &str = "hefring.";
 
 /// The queue operations go to unless routed elsewhere (a target's `hefring.target.<id>`).
 pub const DEFAULT_QUEUE: &str = "hefring";
@@ -123,6 +126,8 @@ struct Shared {
     publisher: Mutex<Option<Arc<Publisher>>>,
     /// Deliveries handed out and not yet acked, by their [`Delivery::Operation`] tag.
     pending: SyncMutex<HashMap<u64, Acker>>,
+    /// The queue each delivery handed out came from, until [`Queue::next`] reads it.
+    routing_keys: SyncMutex<HashMap<u64, String>>,
     next_tag: AtomicU64,
 }
 
@@ -215,6 +220,11 @@ impl Publisher {
             declare(&self.channel, queue).await?;
             self.declared.lock().expect("lock").insert(queue.to_owned());
         }
+        self.publish_to(queue, message).await
+    }
+
+    /// Publishes to a queue someone else declared (a client's reply queue), confirmed.
+    async fn publish_to(&self, queue: &str, message: &EncodedMessage) -> Result<(), Failure> {
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
@@ -365,6 +375,7 @@ impl AmqpQueue {
             options,
             publisher: Mutex::new(Some(Arc::new(publisher))),
             pending: SyncMutex::new(HashMap::new()),
+            routing_keys: SyncMutex::new(HashMap::new()),
             next_tag: AtomicU64::new(1),
         });
         if shared.options.queues.is_empty() {
@@ -414,6 +425,11 @@ impl AmqpQueue {
             match decode_delivery(&delivery) {
                 Ok(message) => {
                     let tag = self.shared.remember(delivery.acker);
+                    self.shared
+                        .routing_keys
+                        .lock()
+                        .expect("lock")
+                        .insert(tag, delivery.routing_key.as_str().to_owned());
                     return Ok(Some((message, tag)));
                 }
                 Err(error) => {
@@ -502,16 +518,64 @@ impl Queue for AmqpQueue {
 
     async fn next(&self, poll: Duration) -> Result<Delivery, QueueError> {
         Ok(match self.next_message(poll).await? {
-            Some((message, tag)) => Delivery::Operation {
-                id: message.id,
-                tag,
-            },
+            Some((message, tag)) => {
+                let queue = self
+                    .shared
+                    .routing_keys
+                    .lock()
+                    .expect("lock")
+                    .remove(&tag)
+                    .unwrap_or_else(|| self.shared.options.default_queue.clone());
+                let announcement = Announcement {
+                    kind: message
+                        .task
+                        .strip_prefix(TASK_PREFIX)
+                        .unwrap_or(&message.task)
+                        .to_owned(),
+                    kwargs: Value::Object(message.kwargs.clone()),
+                    queue,
+                    reply_to: message.reply_to.clone(),
+                };
+                Delivery::Operation {
+                    id: message.id,
+                    tag,
+                    announcement: Some(announcement),
+                }
+            }
             None => Delivery::Anything,
         })
     }
 
+    async fn reply(&self, reply_to: &str, outcome: &Outcome) -> Result<(), QueueError> {
+        let result = if outcome.succeeded {
+            celery::ResultMessage::success(&outcome.operation_id, outcome.operation.clone())
+        } else {
+            celery::ResultMessage::failure(
+                &outcome.operation_id,
+                "HefringOperationFailed",
+                outcome
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the operation failed".to_owned()),
+            )
+        };
+        let message = celery::encode_result(&result);
+        let publisher = self
+            .shared
+            .publisher()
+            .await
+            .map_err(|e| queue_error("connecting to publish a result", e))?;
+        publisher
+            .publish_to(reply_to, &message)
+            .await
+            .map_err(|e| match e {
+                Failure::Fatal(e) => QueueError(e),
+                Failure::Retry(e) => queue_error("publishing a result", e),
+            })
+    }
+
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
-        let Delivery::Operation { id, tag } = delivery else {
+        let Delivery::Operation { id, tag, .. } = delivery else {
             return Ok(());
         };
         let Some(acker) = self.shared.pending.lock().expect("lock").remove(tag) else {
@@ -796,7 +860,7 @@ mod tests {
 
     async fn next_operation(queue: &AmqpQueue) -> (String, u64) {
         match queue.next(Duration::from_secs(10)).await.unwrap() {
-            Delivery::Operation { id, tag } => (id, tag),
+            Delivery::Operation { id, tag, .. } => (id, tag),
             Delivery::Anything => panic!("nothing delivered within 10 s"),
         }
     }
@@ -832,7 +896,14 @@ mod tests {
         for _ in 0..ids.len() {
             let (id, tag) = next_operation(&worker).await;
             received.push(id.clone());
-            worker.ack(&Delivery::Operation { id, tag }).await.unwrap();
+            worker
+                .ack(&Delivery::Operation {
+                    id,
+                    tag,
+                    announcement: None,
+                })
+                .await
+                .unwrap();
         }
         assert_eq!(received, ids);
         assert!(matches!(
@@ -846,6 +917,7 @@ mod tests {
             .ack(&Delivery::Operation {
                 id: "op_000".into(),
                 tag: 1,
+                announcement: None,
             })
             .await
             .unwrap();
@@ -878,7 +950,14 @@ mod tests {
         for _ in ids {
             let (id, tag) = next_operation(&second).await;
             again.push(id.clone());
-            second.ack(&Delivery::Operation { id, tag }).await.unwrap();
+            second
+                .ack(&Delivery::Operation {
+                    id,
+                    tag,
+                    announcement: None,
+                })
+                .await
+                .unwrap();
         }
         again.sort();
         assert_eq!(again, ids);
@@ -926,6 +1005,7 @@ print(result.id)
             .ack(&Delivery::Operation {
                 id: message.id,
                 tag,
+                announcement: None,
             })
             .await
             .unwrap();
@@ -1028,7 +1108,14 @@ def noop(self, **kwargs):
         worker.publish(&job("op_after_poison")).await.unwrap();
         let (id, tag) = next_operation(&worker).await;
         assert_eq!(id, "op_after_poison");
-        worker.ack(&Delivery::Operation { id, tag }).await.unwrap();
+        worker
+            .ack(&Delivery::Operation {
+                id,
+                tag,
+                announcement: None,
+            })
+            .await
+            .unwrap();
         vhost.assert_empty(DEFAULT_QUEUE).await;
     }
 
@@ -1049,13 +1136,27 @@ def noop(self, **kwargs):
         tokio::time::sleep(Duration::from_millis(200)).await;
 
         // The stale delivery's ack is ignored; the broker redelivers it.
-        worker.ack(&Delivery::Operation { id, tag }).await.unwrap();
+        worker
+            .ack(&Delivery::Operation {
+                id,
+                tag,
+                announcement: None,
+            })
+            .await
+            .unwrap();
         worker.publish(&job("op_after")).await.unwrap();
         let mut got = Vec::new();
         for _ in 0..2 {
             let (id, tag) = next_operation(&worker).await;
             got.push(id.clone());
-            worker.ack(&Delivery::Operation { id, tag }).await.unwrap();
+            worker
+                .ack(&Delivery::Operation {
+                    id,
+                    tag,
+                    announcement: None,
+                })
+                .await
+                .unwrap();
         }
         got.sort();
         assert_eq!(got, ["op_after", "op_before"]);

@@ -26,11 +26,41 @@ pub struct Job {
     pub kwargs: serde_json::Value,
 }
 
+/// What a message said about the operation it names, beyond its id: enough to create the
+/// operation when a foreign client (a Python Celery `send_task`) sent it, and where to send
+/// its result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Announcement {
+    /// The operation kind (the Celery task name without its `hefring.` prefix).
+    pub kind: String,
+    /// The request's inputs plus the subject id under its type.
+    pub kwargs: serde_json::Value,
+    /// The queue it came from.
+    pub queue: String,
+    /// Where the client waits for the result (Celery's `rpc://` backend), if it does.
+    pub reply_to: Option<String>,
+}
+
+/// How an operation ended, for a client waiting on its result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub operation_id: String,
+    pub succeeded: bool,
+    /// The operation as the API shows it.
+    pub operation: serde_json::Value,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+}
+
 /// What a worker got from the queue.
 #[derive(Debug)]
 pub enum Delivery {
     /// A specific operation to try to claim; `tag` identifies the broker delivery to ack.
-    Operation { id: String, tag: u64 },
+    Operation {
+        id: String,
+        tag: u64,
+        announcement: Option<Announcement>,
+    },
     /// Something may be ready (or the poll interval passed): claim whatever is claimable.
     Anything,
 }
@@ -47,6 +77,10 @@ pub trait Queue: Send + Sync + 'static {
     async fn next(&self, poll: Duration) -> Result<Delivery, QueueError>;
     /// The delivery was handled (its outcome is committed to the store).
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
+    /// Sends an operation's outcome to a client waiting at `reply_to`.
+    async fn reply(&self, _reply_to: &str, _outcome: &Outcome) -> Result<(), QueueError> {
+        Ok(())
+    }
 }
 
 /// The embedded queue: workers live in the same process, so a wake-up is all they need.

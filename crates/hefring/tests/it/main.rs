@@ -3,6 +3,7 @@
 
 mod api;
 mod cli;
+mod distributed;
 mod durability;
 mod environments;
 mod harness;

@@ -1,0 +1,346 @@
+//! Distributed mode: `hefring serve` publishing to RabbitMQ (a vhost of the test's own) with
+//! PostgreSQL state (a database of the test's own), `hefring worker` processes running the
+//! operations, and Python Celery clients starting operations and reading their results.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{attempts, create_token, Repo, Server, BIN};
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A vhost of its own on the machine's RabbitMQ (started if down), deleted on drop.
+pub struct Vhost(String);
+
+impl Vhost {
+    pub fn new() -> Vhost {
+        if std::net::TcpStream::connect("127.0.0.1:5672").is_err() {
+            let _ = Command::new("rabbitmq-server").arg("-detached").status();
+            run("rabbitmqctl", &["await_startup", "--timeout", "120"]);
+        }
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "hefring-it-{}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        run("rabbitmqctl", &["-q", "add_vhost", &name]);
+        run(
+            "rabbitmqctl",
+            &[
+                "-q",
+                "set_permissions",
+                "-p",
+                &name,
+                "guest",
+                ".*",
+                ".*",
+                ".*",
+            ],
+        );
+        Vhost(name)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.0])
+            .output();
+    }
+}
+
+/// A PostgreSQL database of its own on the machine's server, dropped on drop.
+pub struct Database(String);
+
+impl Database {
+    pub fn create() -> Database {
+        let name = format!(
+            "hefring_dist_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+                % 1_000_000_007
+        );
+        run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                &format!("CREATE DATABASE {name}"),
+            ],
+        );
+        Database(name)
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.0)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
+            .output();
+    }
+}
+
+/// A `hefring worker` process, killed (-9) on drop.
+pub struct Worker(Child);
+
+impl Worker {
+    pub fn start(
+        data_dir: &std::path::Path,
+        database: &str,
+        broker: &str,
+        extra: &[&str],
+    ) -> Worker {
+        let mut child = Command::new(BIN)
+            .args([
+                "worker",
+                "--database-url",
+                database,
+                "--broker-url",
+                broker,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("HEFRING_FAULT_CRASH_AT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(
+            line.contains("hefring worker"),
+            "the worker did not start: {line:?}"
+        );
+        Worker(child)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// `hefring serve` on PostgreSQL state, publishing to the vhost, running nothing itself.
+pub async fn distributed_server(database: &Database, vhost: &Vhost) -> Server {
+    let url = database.url();
+    let server = Server::start_with(
+        &[
+            "--database-url",
+            &url,
+            "--broker-url",
+            &vhost.url(),
+            "--workers",
+            "0",
+        ],
+        &[],
+    )
+    .await;
+    let token = create_token(server.data_dir(), &["--database-url", &url]);
+    server.with_token(token)
+}
+
+fn python_celery() -> &'static str {
+    let ok = Command::new("python3")
+        .args(["-c", "import celery"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "Python celery is missing: scripts/test installs it (pip install celery)"
+    );
+    "python3"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_operations_from_rabbitmq_and_python_celery_clients_get_their_results() {
+    let database = Database::create();
+    let vhost = Vhost::new();
+    let server = distributed_server(&database, &vhost).await;
+    let _worker = Worker::start(
+        server.data_dir(),
+        &database.url(),
+        &vhost.url(),
+        &["--concurrency", "2"],
+    );
+
+    // Work started through the API runs on the worker.
+    let repo = Repo::new("runtime: php\nbuild: [\"echo built-by-a-worker\"]\n");
+    let project = server
+        .create("/projects", json!({"name": "site", "git_url": repo.url()}))
+        .await;
+    let project = project["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(
+            &format!("/projects/{project}/releases"),
+            Some(json!({"ref": "main"})),
+        )
+        .await;
+    let done = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(server
+        .log_text(op["id"].as_str().unwrap())
+        .await
+        .contains("built-by-a-worker"));
+
+    // A Python Celery client starts an operation by name and waits for its result; its task id
+    // is the operation's id. A bad subject ends in an exception naming the error.
+    let script = r#"
+import json, sys
+from celery import Celery
+app = Celery(broker=sys.argv[1], backend="rpc://")
+ok = app.send_task("hefring.project_verify", kwargs={"project": sys.argv[2]}, queue="hefring")
+print(json.dumps({"id": ok.id, "result": ok.get(timeout=60)}))
+bad = app.send_task("hefring.project_verify", kwargs={"project": "prj_00000000000000000000000000"}, queue="hefring")
+try:
+    bad.get(timeout=60)
+    print(json.dumps({"id": bad.id, "error": None}))
+except Exception as e:
+    print(json.dumps({"id": bad.id, "state": bad.state, "error": type(e).__name__ + ": " + str(e)}))
+unknown = app.send_task("hefring.no_such_thing", kwargs={}, queue="hefring")
+try:
+    unknown.get(timeout=60)
+    print(json.dumps({"error": None}))
+except Exception as e:
+    print(json.dumps({"error": str(e)}))
+"#;
+    let out = Command::new(python_celery())
+        .args(["-c", script, &vhost.url(), &project])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ok = &lines[0];
+    assert_eq!(ok["result"]["status"], "succeeded", "{ok}");
+    assert_eq!(ok["result"]["kind"], "project_verify");
+    assert_eq!(
+        ok["result"]["id"], ok["id"],
+        "the Celery task id is the operation id"
+    );
+    let (status, shown) = server
+        .get(&format!("/operations/{}", ok["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{shown}");
+    assert_eq!(shown["requested_by"], "celery");
+    let bad = &lines[1];
+    assert_eq!(bad["state"], "FAILURE", "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("HefringOperationFailed"),
+        "{bad}"
+    );
+    assert!(
+        bad["error"].as_str().unwrap().contains("no longer exists"),
+        "{bad}"
+    );
+    assert!(
+        lines[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no operation named no_such_thing"),
+        "{}",
+        lines[2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_task_loses_nothing_and_another_resumes_without_repeating_tasks() {
+    let database = Database::create();
+    let vhost = Vhost::new();
+    let server = distributed_server(&database, &vhost).await;
+    let lease = ["--lease-seconds", "2", "--concurrency", "1"];
+    let mut first = Worker::start(server.data_dir(), &database.url(), &vhost.url(), &lease);
+    let repo = Repo::new("runtime: php\nbuild: [\"echo started; sleep 4; echo finished\"]\n");
+    let project = server
+        .create("/projects", json!({"name": "slow", "git_url": repo.url()}))
+        .await;
+    let project = project["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(
+            &format!("/projects/{project}/releases"),
+            Some(json!({"ref": "main"})),
+        )
+        .await;
+    let id = op["id"].as_str().unwrap().to_string();
+    server
+        .wait_for(&id, |op| {
+            op["tasks"][2]["status"] == "running" && op["tasks"][2]["name"] == "run_build_commands"
+        })
+        .await;
+    first.kill9();
+    let started = Instant::now();
+    let _second = Worker::start(server.data_dir(), &database.url(), &vhost.url(), &lease);
+    let done = server.wait_op(&id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(
+        attempts(&done),
+        [
+            ("resolve_ref".to_string(), 1),
+            ("check_out".to_string(), 1),
+            ("run_build_commands".to_string(), 2),
+            ("pack_artifact".to_string(), 1)
+        ],
+        "only the task cut short ran again"
+    );
+    let log = server.log_text(&id).await;
+    assert!(log.contains("finished"), "{log}");
+}
