@@ -19,7 +19,13 @@ pub fn timestamp(ms: i64) -> String {
 }
 
 pub fn target(t: TargetRecord) -> wire::Target {
+    let queue = if t.settings.own_queue {
+        hefring_core::target::target_queue(&t.id)
+    } else {
+        hefring_store::DEFAULT_QUEUE.to_string()
+    };
     wire::Target {
+        queue,
         id: t.id,
         name: t.name,
         kind: t.kind,

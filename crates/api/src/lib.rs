@@ -19,7 +19,7 @@ use hefring_store::Store;
 
 pub use auth::{hash_token, new_token};
 pub use error::ApiError;
-pub use submit::job_for;
+pub use submit::{job_for, queue_for};
 
 /// An operation as the API shows it (for results sent to Celery clients).
 pub fn operation_json(op: &hefring_store::OperationRecord) -> serde_json::Value {

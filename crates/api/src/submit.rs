@@ -1,8 +1,8 @@
 //! Starting work: store the operation with its planned tasks, then tell the workers.
 
-use hefring_core::operation::OperationKind;
+use hefring_core::operation::{OperationKind, SubjectType};
 use hefring_queue::Job;
-use hefring_store::{NewOperation, OperationRecord};
+use hefring_store::{NewOperation, OperationRecord, Store, StoreError, DEFAULT_QUEUE};
 use serde_json::Value;
 
 use crate::error::ApiResult;
@@ -23,10 +23,36 @@ pub async fn submit(
     requested_by: &str,
 ) -> ApiResult<OperationRecord> {
     let now = now_ms();
-    let new = NewOperation::planned(kind, subject_id, inputs, requested_by, now);
+    let mut new = NewOperation::planned(kind, subject_id, inputs, requested_by, now);
+    new.queue = queue_for(state.store.as_ref(), kind, subject_id).await?;
     let record = state.store.create_operation(&new, now).await?;
     announce(state, &record).await;
     Ok(record)
+}
+
+/// The queue an operation goes to: its target's own queue when the target has one (for
+/// operations on the target or on an environment of it), else the default.
+pub async fn queue_for(
+    store: &dyn Store,
+    kind: OperationKind,
+    subject_id: &str,
+) -> Result<String, StoreError> {
+    let target_id = match kind.subject_type() {
+        SubjectType::Target => Some(subject_id.to_string()),
+        SubjectType::Environment => store
+            .get_environment(subject_id)
+            .await?
+            .map(|e| e.target_id),
+        _ => None,
+    };
+    if let Some(target_id) = target_id {
+        if let Some(target) = store.get_target(&target_id).await? {
+            if target.settings.own_queue {
+                return Ok(hefring_core::target::target_queue(&target.id));
+            }
+        }
+    }
+    Ok(DEFAULT_QUEUE.to_string())
 }
 
 /// Tells the workers; a lost announcement only delays the work (workers also poll).

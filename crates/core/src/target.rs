@@ -69,6 +69,15 @@ pub struct TargetSettings {
     /// `None`: Hefring runs its own nginx on the target. Set: the Aegir3 layout, where a
     /// system-managed nginx includes the directory Hefring writes server blocks into.
     pub system_nginx: Option<SystemNginx>,
+    /// Operations on the target and its environments go to the queue
+    /// `hefring.target.<id>` ([`target_queue`]), served by workers started with
+    /// `--queues hefring.target.<id>` (next to the target's network), instead of `hefring`.
+    pub own_queue: bool,
+}
+
+/// The queue of a target that has its own.
+pub fn target_queue(target_id: &str) -> String {
+    format!("hefring.target.{target_id}")
 }
 
 /// A system-managed nginx that serves Hefring's server blocks.

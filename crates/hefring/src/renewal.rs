@@ -37,13 +37,10 @@ pub async fn queue_due(
             .list_environments(&EnvironmentFilter::default(), &Page { limit: 500, cursor })
             .await?;
         for env in listed.items.iter().filter(|e| due(e, now, window)) {
-            let op = NewOperation::planned(
-                OperationKind::EnvironmentRenewCertificate,
-                &env.id,
-                serde_json::json!({}),
-                "hefring",
-                now,
-            );
+            let kind = OperationKind::EnvironmentRenewCertificate;
+            let mut op =
+                NewOperation::planned(kind, &env.id, serde_json::json!({}), "hefring", now);
+            op.queue = hefring_api::queue_for(store.as_ref(), kind, &env.id).await?;
             match store.create_operation(&op, now).await {
                 Ok(op) => {
                     let _ = queue.publish(&hefring_api::job_for(&op)).await;

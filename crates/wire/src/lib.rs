@@ -71,6 +71,8 @@ pub struct Target {
     pub postgresql: PostgresqlAdmin,
     /// Set when a system-managed nginx serves the sites (the Aegir3 layout).
     pub system_nginx: Option<SystemNginx>,
+    /// The queue its operations go to (`hefring`, or `hefring.target.<id>` with `own_queue`).
+    pub queue: String,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -132,6 +134,10 @@ pub struct CreateTarget {
     pub postgresql: Option<PostgresqlAdmin>,
     /// Serve the sites through a system-managed nginx instead of Hefring's own.
     pub system_nginx: Option<SystemNginx>,
+    /// Send the operations of this target and its environments to its own queue,
+    /// `hefring.target.<id>`, for workers started with `--queues hefring.target.<id>`.
+    #[serde(default)]
+    pub own_queue: bool,
 }
 
 fn default_kind() -> String {

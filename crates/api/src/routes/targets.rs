@@ -99,7 +99,8 @@ pub async fn create(
     if let Some(key) = &body.host_key {
         check_host_key(key)?;
     }
-    let settings = convert::target_settings(body.mariadb, body.postgresql, body.system_nginx);
+    let mut settings = convert::target_settings(body.mariadb, body.postgresql, body.system_nginx);
+    settings.own_queue = body.own_queue;
     settings.check()?;
     let now = now_ms();
     let id = new_id(IdKind::Target, now);

@@ -344,3 +344,36 @@ async fn a_worker_killed_mid_task_loses_nothing_and_another_resumes_without_repe
     let log = server.log_text(&id).await;
     assert!(log.contains("finished"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_with_its_own_queue_is_served_only_by_workers_of_that_queue() {
+    let database = Database::create();
+    let vhost = Vhost::new();
+    let server = distributed_server(&database, &vhost).await;
+    let _general = Worker::start(server.data_dir(), &database.url(), &vhost.url(), &[]);
+    let target = server
+        .create(
+            "/targets",
+            json!({"name": "far", "host": "local", "root": "/tmp/hefring-far", "own_queue": true}),
+        )
+        .await;
+    let id = target["id"].as_str().unwrap().to_string();
+    let queue = format!("hefring.target.{id}");
+    assert_eq!(target["queue"], queue.as_str());
+    let op = server
+        .start_op(&format!("/targets/{id}/verify"), None)
+        .await;
+    let op_id = op["id"].as_str().unwrap().to_string();
+    // The general worker leaves it alone...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(server.op(&op_id).await["status"], "queued");
+    // ...a worker of the target's queue runs it.
+    let _near = Worker::start(
+        server.data_dir(),
+        &database.url(),
+        &vhost.url(),
+        &["--queues", &queue],
+    );
+    let done = server.wait_op(&op_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+}
