@@ -126,15 +126,22 @@ impl Engine {
 
     async fn worker_loop(self: Arc<Self>, index: usize, mut shutdown: watch::Receiver<bool>) {
         let owner = format!("{}-{index}", self.name);
+        // With a broker, a worker claims what it is handed and sweeps the store only when
+        // the queue has been idle for a poll interval (claiming by id is a primary-key
+        // lookup; finding the oldest claimable operation among thousands is not).
+        let sweep_when_idle = self.queue.names_operations();
+        let mut idle = !sweep_when_idle;
         loop {
             // Run whatever is claimable, then wait for a wake-up or the poll interval.
-            loop {
+            // Lost hints and operations queued behind a busy subject are found here.
+            let mut sweep = idle || !sweep_when_idle;
+            while sweep {
                 if *shutdown.borrow() {
                     return;
                 }
                 match self.claim_and_run(&owner, None).await {
                     Ok(true) => continue,
-                    Ok(false) => break,
+                    Ok(false) => sweep = false,
                     Err(e) => {
                         tracing::warn!(error = %e, "claiming work failed");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -146,6 +153,7 @@ impl Engine {
                 d = self.queue.next(self.config.poll) => d,
                 _ = shutdown.changed() => return,
             };
+            idle = matches!(delivery, Ok(Delivery::Anything));
             match delivery {
                 Ok(delivery) => {
                     if let Delivery::Operation {
@@ -187,6 +195,13 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let store = &self.ctx.store;
         let mut id = id.to_string();
+        // The common case first: an operation stored and ready, claimed by its id.
+        let waiting_client = announcement.and_then(|a| a.reply_to.as_ref()).is_some();
+        if self.claim_and_run(owner, Some(&id)).await? && !waiting_client {
+            // It ran to its end here (or its lease went to another worker, which owns it
+            // now): either way this message is done with.
+            return Ok(());
+        }
         if store.get_operation(&id).await?.is_none() {
             let Some(announcement) = announcement else {
                 return Ok(());
@@ -264,10 +279,12 @@ impl Engine {
         };
         let subject = match inputs.remove(subject_key) {
             Some(Value::String(subject)) => subject,
-            _ => return Ok(Err(format!(
+            _ => {
+                return Ok(Err(format!(
                 "{} needs the {subject_key} id in its kwargs (kwargs={{\"{subject_key}\": ID}})",
                 announcement.kind
-            ))),
+            )))
+            }
         };
         let now = now_ms();
         let mut new = hefring_store::NewOperation::planned(

@@ -546,6 +546,10 @@ impl Queue for AmqpQueue {
         })
     }
 
+    fn names_operations(&self) -> bool {
+        true
+    }
+
     async fn reply(&self, reply_to: &str, outcome: &Outcome) -> Result<(), QueueError> {
         let result = if outcome.succeeded {
             celery::ResultMessage::success(&outcome.operation_id, outcome.operation.clone())

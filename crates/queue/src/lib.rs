@@ -77,6 +77,15 @@ pub trait Queue: Send + Sync + 'static {
     async fn next(&self, poll: Duration) -> Result<Delivery, QueueError>;
     /// The delivery was handled (its outcome is committed to the store).
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
+    /// Whether deliveries name the operation to run (a broker holding one message per
+    /// operation). Workers then claim exactly what they are handed, and look through the
+    /// store for claimable work only when the queue is idle (a lost message, an operation
+    /// queued while its subject was busy); otherwise they look through the store after every
+    /// wake-up.
+    fn names_operations(&self) -> bool {
+        false
+    }
+
     /// Sends an operation's outcome to a client waiting at `reply_to`.
     async fn reply(&self, _reply_to: &str, _outcome: &Outcome) -> Result<(), QueueError> {
         Ok(())

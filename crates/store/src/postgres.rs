@@ -472,10 +472,15 @@ async fn claim_in(conn: &mut PgConnection, claim: &Claim<'_>) -> Result<Option<O
                      AND (q.queued_at < o.queued_at OR (q.queued_at = o.queued_at AND q.id < o.id)))",
         );
         narrow(&mut qb);
-        qb.push(
+        // With one operation named, no ORDER BY: the planner then finds it by its primary
+        // key instead of walking the queued rows in order (20 ms with thousands queued).
+        qb.push(if claim.only.is_some() {
+            " FOR UPDATE OF o SKIP LOCKED)
+             UPDATE operations SET status = 'running', lease_owner = "
+        } else {
             " ORDER BY o.queued_at, o.id LIMIT 1 FOR UPDATE OF o SKIP LOCKED)
-             UPDATE operations SET status = 'running', lease_owner = ",
-        )
+             UPDATE operations SET status = 'running', lease_owner = "
+        })
         .push_bind(claim.owner)
         .push(", lease_expires_at = ")
         .push_bind(claim.lease_until)

@@ -1220,8 +1220,17 @@ pub async fn drop_database(t: &TaskContext<'_>) -> TaskResult {
 pub async fn remove_files(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let layout = site.layout();
+    let nginx_instance = site.server.nginx();
+    let fpm_instance = site.server.fpm();
     site.server
-        .remove(&[layout.environment_dir(site.id()), layout.tls_dir(site.id())])
+        .remove(&[
+            layout.environment_dir(site.id()),
+            layout.tls_dir(site.id()),
+            // Its logs too: names derive from the id, so nothing of another's goes.
+            format!("{}/{}.access.log", nginx_instance.log_dir(), site.id()),
+            format!("{}/{}.error.log", nginx_instance.log_dir(), site.id()),
+            fpm_instance.php_error_log(site.id()),
+        ])
         .await?;
     Ok(TaskOutput::done())
 }

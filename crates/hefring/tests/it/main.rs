@@ -7,6 +7,8 @@ mod distributed;
 mod durability;
 mod environments;
 mod harness;
+mod mediawiki;
 mod operations;
 mod postgres;
+mod scram;
 mod ssh;

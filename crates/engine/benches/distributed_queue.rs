@@ -1,0 +1,221 @@
+//! The distributed path, like for like with a Celery worker: operation and task rows in
+//! PostgreSQL, announcements as Celery protocol 2 messages on RabbitMQ (persistent, publisher
+//! confirms), a worker consuming with a bounded prefetch, claiming by lease, starting and
+//! finishing the task, ending the operation, flushing its log, and acking only after that
+//! is committed. Each operation is a `system_noop` with one no-op task, on its own subject.
+//!
+//!     cargo bench -p hefring-engine --bench distributed_queue [-- OPERATIONS CONCURRENCY]
+//!
+//! Needs PostgreSQL on 127.0.0.1:5432 (trust, as on these machines) and RabbitMQ on
+//! 127.0.0.1:5672 (guest/guest); makes a database and a vhost of its own and removes them.
+//! Prints: drain throughput (operations queued and announced beforehand, drained from the
+//! worker's start) and dispatch latency (announce to task start) p50/p99/max with an idle
+//! worker. Compare with `benches/celery_drain.sh` in the same run.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hefring_core::operation::OperationKind;
+use hefring_core::{new_id, IdKind};
+use hefring_engine::{time::now_ms, Engine, EngineConfig, Observed};
+use hefring_queue::amqp::{AmqpOptions, AmqpQueue};
+use hefring_queue::{Job, Queue};
+use hefring_store::{NewOperation, PostgresStore, Store};
+use tokio::sync::{watch, Notify};
+
+fn noop() -> NewOperation {
+    let now = now_ms();
+    let subject = new_id(IdKind::Subject, now);
+    NewOperation::planned(
+        OperationKind::SystemNoop,
+        &subject,
+        serde_json::json!({}),
+        "bench",
+        now,
+    )
+}
+
+fn job(op: &hefring_store::OperationRecord) -> Job {
+    Job {
+        operation_id: op.id.clone(),
+        kind: op.kind.as_str().into(),
+        queue: op.queue.clone(),
+        kwargs: serde_json::json!({ "system": op.subject_id }),
+    }
+}
+
+struct Probe {
+    started: Mutex<HashMap<String, Instant>>,
+    ended: Mutex<usize>,
+    changed: Notify,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+async fn wait_ended(probe: &Probe, count: usize) {
+    loop {
+        let notified = probe.changed.notified();
+        if *probe.ended.lock().unwrap() >= count {
+            return;
+        }
+        notified.await;
+    }
+}
+
+fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Resources {
+    database: String,
+    vhost: String,
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.vhost])
+            .output();
+        let _ = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c"])
+            .arg(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.database
+            ))
+            .output();
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let operations = args.first().copied().unwrap_or(20_000);
+    let concurrency = args.get(1).copied().unwrap_or(8);
+    let suffix = std::process::id();
+    let resources = Resources {
+        database: format!("hefring_bench_{suffix}"),
+        vhost: format!("hefring-bench-{suffix}"),
+    };
+    sh(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            &format!("CREATE DATABASE {}", resources.database),
+        ],
+    );
+    sh("rabbitmqctl", &["-q", "add_vhost", &resources.vhost]);
+    sh(
+        "rabbitmqctl",
+        &[
+            "-q",
+            "set_permissions",
+            "-p",
+            &resources.vhost,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ],
+    );
+    let database = format!("postgres://postgres@127.0.0.1:5432/{}", resources.database);
+    let broker = format!("amqp://guest:guest@127.0.0.1:5672/{}", resources.vhost);
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(&database).await.unwrap());
+    let publisher = AmqpQueue::connect(&broker, AmqpOptions::default())
+        .await
+        .unwrap();
+
+    // Queue and announce everything first (as the API does), with no worker running.
+    let queued = Instant::now();
+    for _ in 0..operations {
+        let op = store.create_operation(&noop(), now_ms()).await.unwrap();
+        publisher.publish(&job(&op)).await.unwrap();
+    }
+    println!(
+        "queued and announced {operations} operations in {:.2} s (one confirm at a time)",
+        queued.elapsed().as_secs_f64()
+    );
+
+    let probe = Arc::new(Probe {
+        started: Mutex::default(),
+        ended: Mutex::new(0),
+        changed: Notify::new(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::new(dir.path().to_path_buf());
+    config.workers = concurrency;
+    config.queues = vec!["hefring".into()];
+    let observer_probe = probe.clone();
+    config.observer = Some(Arc::new(move |event| match event {
+        Observed::TaskStarted { operation, .. } => {
+            observer_probe
+                .started
+                .lock()
+                .unwrap()
+                .insert(operation.to_string(), Instant::now());
+        }
+        Observed::OperationEnded { .. } => {
+            *observer_probe.ended.lock().unwrap() += 1;
+            observer_probe.changed.notify_waiters();
+        }
+    }));
+    let begun = Instant::now();
+    let consumer = AmqpQueue::connect(
+        &broker,
+        AmqpOptions {
+            prefetch: concurrency as u16,
+            ..AmqpOptions::consuming(["hefring"])
+        },
+    )
+    .await
+    .unwrap();
+    let engine = Engine::new(store.clone(), Arc::new(consumer) as Arc<dyn Queue>, config)
+        .await
+        .unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    let _workers = engine.start(stopped);
+    wait_ended(&probe, operations).await;
+    let elapsed = begun.elapsed();
+    println!(
+        "drain: {operations} operations, concurrency {concurrency}: {:.2} s, {:.0} operations/s",
+        elapsed.as_secs_f64(),
+        operations as f64 / elapsed.as_secs_f64()
+    );
+
+    // Dispatch latency with an idle worker: announce to task start, one at a time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = Vec::new();
+    for i in 0..500 {
+        let op = store.create_operation(&noop(), now_ms()).await.unwrap();
+        let at = Instant::now();
+        publisher.publish(&job(&op)).await.unwrap();
+        wait_ended(&probe, operations + i + 1).await;
+        latencies.push(probe.started.lock().unwrap()[&op.id] - at);
+    }
+    latencies.sort();
+    println!(
+        "dispatch latency (publish confirmed -> task started), idle worker: n={} p50={:.2} ms p99={:.2} ms max={:.2} ms",
+        latencies.len(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().unwrap().as_secs_f64() * 1e3
+    );
+    drop(resources);
+}
