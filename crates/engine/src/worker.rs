@@ -49,6 +49,8 @@ pub struct EngineConfig {
     pub acme: Option<crate::acme::AcmeConfig>,
     /// How results sent to waiting clients show an operation; `None`: a summary.
     pub describe: Option<Describe>,
+    /// Who hears about operations starting and ending (Celery events), if anyone.
+    pub events: Option<Arc<dyn hefring_queue::WorkerEvents>>,
 }
 
 impl EngineConfig {
@@ -63,6 +65,7 @@ impl EngineConfig {
             observer: None,
             acme: None,
             describe: None,
+            events: None,
         }
     }
 }
@@ -195,6 +198,9 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let store = &self.ctx.store;
         let mut id = id.to_string();
+        if let (Some(events), Some(a)) = (&self.config.events, announcement) {
+            events.received(&id, &a.kind, &a.kwargs).await;
+        }
         // The common case first: an operation stored and ready, claimed by its id.
         let waiting_client = announcement.and_then(|a| a.reply_to.as_ref()).is_some();
         if self.claim_and_run(owner, Some(&id)).await? && !waiting_client {
@@ -321,6 +327,9 @@ impl Engine {
     }
 
     async fn run_operation(&self, op: OperationRecord, owner: &str) {
+        if let Some(events) = &self.config.events {
+            events.started(&op.id, op.kind.as_str(), &op.inputs).await;
+        }
         let log = OperationLog::new(self.ctx.store.clone(), &op.id, op.attempt);
         let (interrupt_tx, interrupt_rx) = watch::channel(if op.cancel_requested {
             Interrupt::Cancel
@@ -333,6 +342,24 @@ impl Engine {
         log.flush().await;
         if let Some(observe) = &self.config.observer {
             observe(Observed::OperationEnded { operation: &op.id });
+        }
+        if let Some(events) = &self.config.events {
+            if let Ok(Some(ended)) = self.ctx.store.get_operation(&op.id).await {
+                if ended.status.is_terminal() {
+                    let error = match ended.status {
+                        OperationStatus::Succeeded => None,
+                        _ => Some(
+                            ended
+                                .error
+                                .clone()
+                                .unwrap_or_else(|| ended.status.to_string()),
+                        ),
+                    };
+                    events
+                        .finished(&op.id, &ended.result, error.as_deref())
+                        .await;
+                }
+            }
         }
         match result {
             Ok(()) => {}

@@ -250,12 +250,30 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     }
     let (store, _) = open_store(&args.state, &dir).await?;
     let queue = broker(url, args.queues.clone(), args.concurrency).await?;
-    let config = engine_config(
+    let mut config = engine_config(
         &args.engine,
         &dir,
         args.concurrency as usize,
         args.queues.clone(),
     );
+    // Seen by Celery's tools as a Celery worker: events for Flower, answers to `celery inspect`.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let task_names = hefring_core::operation::OperationKind::ALL
+        .iter()
+        .map(|k| format!("{}{}", hefring_queue::amqp::TASK_PREFIX, k.as_str()))
+        .collect();
+    let (presence, presence_tasks) = hefring_queue::control::Presence::start(
+        url,
+        format!("hefring.{}@{host}", std::process::id()),
+        args.queues.clone(),
+        task_names,
+        args.concurrency as usize,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot announce the worker on the broker: {e}"))?;
+    config.events = Some(presence.clone());
     let engine = Engine::new(store, queue, config)
         .await
         .context("cannot start the workers")?;
@@ -269,9 +287,10 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     );
     stop_signal().await;
     let _ = stop.send(true);
+    presence.offline().await;
     // Unacked deliveries go back to the broker with the connection; leases expire and any
     // worker resumes the operations.
-    for worker in workers {
+    for worker in workers.into_iter().chain(presence_tasks) {
         worker.abort();
     }
     Ok(())

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 pub mod amqp;
 pub mod celery;
+pub mod control;
 
 /// An operation that is ready, as announced to workers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +90,34 @@ pub trait Queue: Send + Sync + 'static {
     /// Sends an operation's outcome to a client waiting at `reply_to`.
     async fn reply(&self, _reply_to: &str, _outcome: &Outcome) -> Result<(), QueueError> {
         Ok(())
+    }
+}
+
+/// What a worker tells the world about the operations it runs (Celery task events, for
+/// Flower and `celery events`).
+#[async_trait]
+pub trait WorkerEvents: Send + Sync + 'static {
+    /// A message named the operation and this worker took it.
+    async fn received(&self, id: &str, kind: &str, kwargs: &serde_json::Value);
+    async fn started(&self, id: &str, kind: &str, kwargs: &serde_json::Value);
+    /// It ended; `error` is `None` when it succeeded.
+    async fn finished(&self, id: &str, result: &serde_json::Value, error: Option<&str>);
+}
+
+#[async_trait]
+impl WorkerEvents for control::Presence {
+    async fn received(&self, id: &str, kind: &str, kwargs: &serde_json::Value) {
+        self.task_received(id, &format!("{}{kind}", amqp::TASK_PREFIX), kwargs)
+            .await
+    }
+
+    async fn started(&self, id: &str, kind: &str, kwargs: &serde_json::Value) {
+        self.task_started(id, &format!("{}{kind}", amqp::TASK_PREFIX), kwargs)
+            .await
+    }
+
+    async fn finished(&self, id: &str, result: &serde_json::Value, error: Option<&str>) {
+        self.task_finished(id, result, error).await
     }
 }
 

@@ -410,6 +410,114 @@ async fn settle<T>(tx: sqlx::Transaction<'_, Postgres>, result: Result<T>) -> Re
 }
 
 impl PostgresStore {
+    /// Claims one named operation (a broker handed it over) in one statement: queued and its
+    /// subject free, or running with an expired lease (taken over). Then reads its tasks,
+    /// which only the lease holder changes. Two round trips instead of a transaction's six.
+    async fn claim_named(&self, id: &str, claim: &Claim<'_>) -> Result<Option<OperationRecord>> {
+        let mut qb = QueryBuilder::<Postgres>::new(
+            "UPDATE operations o SET status = 'running', lease_owner = ",
+        );
+        qb.push_bind(claim.owner)
+            .push(", lease_expires_at = ")
+            .push_bind(claim.lease_until)
+            .push(", started_at = COALESCE(o.started_at, ")
+            .push_bind(claim.now)
+            .push("), updated_at = ")
+            .push_bind(claim.now)
+            .push(" WHERE o.id = ")
+            .push_bind(id.to_string())
+            .push(
+                " AND ((o.status = 'queued'
+                   AND NOT EXISTS (SELECT 1 FROM operations r
+                       WHERE r.subject_id = o.subject_id AND r.status = 'running')
+                   AND NOT EXISTS (SELECT 1 FROM operations q
+                       WHERE q.subject_id = o.subject_id AND q.status = 'queued'
+                         AND (q.queued_at < o.queued_at OR (q.queued_at = o.queued_at AND q.id < o.id))))
+                 OR (o.status = 'running' AND o.lease_expires_at < ",
+            )
+            .push_bind(claim.now)
+            .push("))");
+        if !claim.queues.is_empty() {
+            qb.push(" AND o.queue IN (");
+            let mut list = qb.separated(", ");
+            for q in claim.queues {
+                list.push_bind(q.clone());
+            }
+            qb.push(")");
+        }
+        qb.push(" RETURNING o.*");
+        let row = match qb.build().fetch_optional(&self.pool).await {
+            Ok(row) => row,
+            // Another operation of the subject started at the same moment: not claimable now.
+            Err(e) if unique_violation(&e).is_some() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let tasks = sqlx::query("SELECT * FROM tasks WHERE operation_id = $1 ORDER BY position")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(task_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(operation_from_row(&row, tasks)?))
+    }
+
+    /// [`Store::finish_task`] in one statement, for the common case (no state to merge, not
+    /// a cancel): lock and check the lease, end the task, and end the operation if asked.
+    async fn finish_task_at_once(
+        &self,
+        id: &str,
+        owner: &str,
+        position: i64,
+        outcome: &TaskOutcome,
+        finish: Option<&OperationOutcome>,
+        now: i64,
+    ) -> Result<()> {
+        let started = if outcome.status == TaskStatus::Skipped {
+            "NULL"
+        } else {
+            "t.started_at"
+        };
+        let ending = match finish {
+            Some(_) => {
+                ", ended AS (UPDATE operations SET status = $6, result = $7, error = $8,
+                     finished_at = $2, updated_at = $2, lease_owner = NULL,
+                     lease_expires_at = NULL, cancel_requested = FALSE
+                   WHERE id = $3 AND EXISTS (SELECT 1 FROM task) RETURNING 1)
+                 SELECT (SELECT COUNT(*) FROM task) + (SELECT COUNT(*) FROM ended)"
+            }
+            None => " SELECT (SELECT COUNT(*) FROM task) * 2",
+        };
+        let sql = format!(
+            "WITH lease AS (SELECT id FROM operations
+                 WHERE id = $3 AND lease_owner = $5 AND status = 'running' FOR UPDATE),
+             task AS (UPDATE tasks t SET status = $1, finished_at = $2, started_at = {started}
+                 WHERE t.operation_id = $3 AND t.position = $4 AND EXISTS (SELECT 1 FROM lease)
+                 RETURNING 1){ending}"
+        );
+        let mut query = sqlx::query_scalar::<_, i64>(&sql)
+            .bind(outcome.status.as_str())
+            .bind(now)
+            .bind(id)
+            .bind(position)
+            .bind(owner);
+        if let Some(finish) = finish {
+            query = query
+                .bind(finish.status.as_str())
+                .bind(finish.result.to_string())
+                .bind(finish.error.as_deref().map(|e| pg_text(e).into_owned()));
+        }
+        let changed = query.fetch_one(&self.pool).await?;
+        // The task row and (when asked) the operation row: both, or the lease was lost.
+        if changed != 2 {
+            return Err(StoreError::LeaseLost(id.into()));
+        }
+        Ok(())
+    }
+
     /// A read-only transaction on one snapshot, so an operation and its tasks agree.
     async fn snapshot(&self) -> Result<sqlx::Transaction<'static, Postgres>> {
         Ok(self
@@ -944,6 +1052,9 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, claim: &Claim<'_>) -> Result<Option<OperationRecord>> {
+        if let Some(only) = claim.only {
+            return self.claim_named(only, claim).await;
+        }
         for _ in 0..CLAIM_ATTEMPTS {
             let mut tx = self.pool.begin().await?;
             let result = claim_in(&mut tx, claim).await;
@@ -983,26 +1094,25 @@ impl Store for PostgresStore {
     }
 
     async fn start_task(&self, id: &str, owner: &str, position: i64, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let result: Result<()> = async {
-            lock_lease(&mut tx, id, owner).await?;
-            let done = sqlx::query(
-                "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $1,
-                    finished_at = NULL
-                 WHERE operation_id = $2 AND position = $3",
-            )
-            .bind(now)
-            .bind(id)
-            .bind(position)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() == 0 {
-                return Err(StoreError::LeaseLost(id.into()));
-            }
-            Ok(())
+        // One statement: the lease row is locked (a takeover waits) and checked, and the task
+        // starts, atomically.
+        let done = sqlx::query(
+            "WITH lease AS (SELECT id FROM operations
+                 WHERE id = $2 AND lease_owner = $4 AND status = 'running' FOR UPDATE)
+             UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $1,
+                 finished_at = NULL
+             WHERE operation_id = $2 AND position = $3 AND EXISTS (SELECT 1 FROM lease)",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(position)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost(id.into()));
         }
-        .await;
-        settle(tx, result).await
+        Ok(())
     }
 
     async fn finish_task(
@@ -1014,6 +1124,13 @@ impl Store for PostgresStore {
         finish: Option<&OperationOutcome>,
         now: i64,
     ) -> Result<()> {
+        let simple = outcome.state_patch.is_none()
+            && finish.is_none_or(|f| f.status != OperationStatus::Cancelled);
+        if simple {
+            return self
+                .finish_task_at_once(id, owner, position, outcome, finish, now)
+                .await;
+        }
         let mut tx = self.pool.begin().await?;
         let result: Result<()> = async {
             let state = lock_lease(&mut tx, id, owner).await?;

@@ -377,3 +377,113 @@ async fn a_target_with_its_own_queue_is_served_only_by_workers_of_that_queue() {
     let done = server.wait_op(&op_id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
 }
+
+/// Flower (from PyPI, installed by scripts/test) on a free port, watching the vhost; killed on
+/// drop.
+struct Flower {
+    child: Child,
+    port: u16,
+}
+
+impl Flower {
+    fn start(broker: &str) -> Flower {
+        let port = crate::environments::free_port();
+        let child = Command::new("celery")
+            .args(["--broker", broker, "flower", "--address=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .env("FLOWER_UNAUTHENTICATED_API", "true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("Flower runs (scripts/test installs it: pip install flower)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "Flower did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Flower { child, port }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        reqwest::get(format!("http://127.0.0.1:{}{path}", self.port))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for Flower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_lists_hefring_workers_and_operations_and_celery_inspect_answers() {
+    let database = Database::create();
+    let vhost = Vhost::new();
+    let server = distributed_server(&database, &vhost).await;
+    let flower = Flower::start(&vhost.url());
+    let _worker = Worker::start(server.data_dir(), &database.url(), &vhost.url(), &[]);
+    let repo = Repo::new("runtime: php\n");
+    let project = server
+        .create("/projects", json!({"name": "seen", "git_url": repo.url()}))
+        .await;
+    let project = project["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(&format!("/projects/{project}/verify"), None)
+        .await;
+    let id = op["id"].as_str().unwrap().to_string();
+    assert_eq!(server.wait_op(&id).await["status"], "succeeded");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (workers, task) = loop {
+        let workers = flower.get("/api/workers?refresh=1").await;
+        let tasks = flower.get("/api/tasks").await;
+        let ours = workers
+            .as_object()
+            .and_then(|w| w.iter().find(|(name, _)| name.starts_with("hefring.")))
+            .map(|(_, info)| info.clone());
+        if let (Some(info), Some(task)) = (ours, tasks.get(&id)) {
+            if task["state"] == "SUCCESS" && info.get("registered").is_some() {
+                break (info, task.clone());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Flower does not show the worker and the operation: {workers}\n{tasks}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        workers["registered"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "hefring.project_verify"),
+        "{workers}"
+    );
+    assert_eq!(workers["active_queues"][0]["name"], "hefring", "{workers}");
+    assert_eq!(task["name"], "hefring.project_verify", "{task}");
+    assert!(
+        !workers.to_string().contains("guest:guest"),
+        "the broker password leaked: {workers}"
+    );
+
+    let out = Command::new("celery")
+        .args([
+            "--broker",
+            &vhost.url(),
+            "inspect",
+            "ping",
+            "--timeout",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pong") && text.contains("hefring."), "{text}");
+}
