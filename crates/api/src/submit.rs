@@ -56,10 +56,17 @@ pub async fn queue_for(
 }
 
 /// Tells the workers; a lost announcement only delays the work (workers also poll).
+///
+/// The request does not wait for it: the operation is already committed, and a broker that is
+/// down or restarting would otherwise hold the answer for its reconnection timeout.
 pub async fn announce(state: &AppState, record: &OperationRecord) {
-    if let Err(e) = state.queue.publish(&job_for(record)).await {
-        tracing::warn!(operation = %record.id, error = %e, "could not announce the operation");
-    }
+    let queue = state.queue.clone();
+    let job = job_for(record);
+    tokio::spawn(async move {
+        if let Err(e) = queue.publish(&job).await {
+            tracing::warn!(operation = %job.operation_id, error = %e, "could not announce the operation");
+        }
+    });
 }
 
 /// What the queue carries for an operation: its id, kind and queue, and as kwargs its inputs

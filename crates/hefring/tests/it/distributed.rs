@@ -487,3 +487,192 @@ async fn flower_lists_hefring_workers_and_operations_and_celery_inspect_answers(
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("pong") && text.contains("hefring."), "{text}");
 }
+
+/// A throwaway RabbitMQ node of the test's own (never the shared one: restarting that would
+/// disturb other tests), as LAB-NOTES describes; stopped and removed on drop.
+struct Broker {
+    dir: tempfile::TempDir,
+    node: String,
+    port: u16,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("hefring-rabbit-")
+            .tempdir()
+            .unwrap();
+        let port = crate::environments::free_port();
+        let dist = crate::environments::free_port();
+        let node = format!("hefring{port}@localhost");
+        run(
+            "chown",
+            &["-R", "rabbitmq:rabbitmq", &dir.path().to_string_lossy()],
+        );
+        std::fs::write(dir.path().join("plugins"), "[].\n").unwrap();
+        // Its own configuration: the machine's names the shared node's listener (5672).
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        for file in ["plugins", "rabbitmq.conf"] {
+            run(
+                "chown",
+                &[
+                    "rabbitmq:rabbitmq",
+                    &dir.path().join(file).to_string_lossy(),
+                ],
+            );
+        }
+        let broker = Broker { dir, node, port };
+        broker.boot(dist);
+        broker
+    }
+
+    fn env(&self, dist: u16) -> Vec<(String, String)> {
+        let d = self.dir.path().display();
+        vec![
+            ("RABBITMQ_NODENAME".into(), self.node.clone()),
+            ("RABBITMQ_NODE_PORT".into(), self.port.to_string()),
+            ("RABBITMQ_DIST_PORT".into(), dist.to_string()),
+            ("RABBITMQ_MNESIA_BASE".into(), format!("{d}/mnesia")),
+            ("RABBITMQ_LOG_BASE".into(), format!("{d}/log")),
+            (
+                "RABBITMQ_ENABLED_PLUGINS_FILE".into(),
+                format!("{d}/plugins"),
+            ),
+            ("RABBITMQ_CONFIG_FILE".into(), format!("{d}/rabbitmq.conf")),
+        ]
+    }
+
+    fn boot(&self, dist: u16) {
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .envs(self.env(dist))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // The node registers with epmd a moment after `-detached` returns; until then
+        // rabbitmqctl cannot even find it.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the test's RabbitMQ node did not open its port; logs in {}",
+                self.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        run(
+            "rabbitmqctl",
+            &["-n", &self.node, "await_startup", "--timeout", "60"],
+        );
+    }
+
+    fn stop(&self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .output();
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_under_load_loses_no_operation() {
+    let broker = Broker::start();
+    let database = Database::create();
+    let url = database.url();
+    let server = Server::start_with(
+        &[
+            "--database-url",
+            &url,
+            "--broker-url",
+            &broker.url(),
+            "--workers",
+            "0",
+        ],
+        &[],
+    )
+    .await;
+    let token = create_token(server.data_dir(), &["--database-url", &url]);
+    let server = server.with_token(token);
+    let _worker = Worker::start(
+        server.data_dir(),
+        &url,
+        &broker.url(),
+        &["--concurrency", "4"],
+    );
+    let repo = Repo::new("runtime: php\n");
+    let mut projects = Vec::new();
+    for i in 0..40 {
+        let project = server
+            .create(
+                "/projects",
+                json!({"name": format!("p{i}"), "git_url": repo.url()}),
+            )
+            .await;
+        projects.push(project["id"].as_str().unwrap().to_string());
+    }
+    // Half the work is announced before the restart, half while the broker is down or
+    // coming back (the API stores it and tries to announce it; workers find what was not).
+    let mut ops = Vec::new();
+    for project in &projects[..20] {
+        ops.push(
+            server
+                .start_op(&format!("/projects/{project}/verify"), None)
+                .await,
+        );
+    }
+    broker.stop();
+    let stopped = Instant::now();
+    let more = {
+        let (url, token) = (server.url.clone(), server.token.clone());
+        let projects = projects[20..].to_vec();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut ids = Vec::new();
+            for project in projects {
+                let op: Value = client
+                    .post(format!("{url}/api/v1/projects/{project}/verify"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                ids.push(op["id"].as_str().unwrap().to_string());
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.boot(crate::environments::free_port());
+    eprintln!("the broker was down for {:?}", stopped.elapsed());
+    let mut ids: Vec<String> = ops
+        .iter()
+        .map(|op| op["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.extend(more.await.unwrap());
+    assert_eq!(ids.len(), 40);
+    let mut succeeded = 0;
+    for id in &ids {
+        let done = server.wait_op(id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        succeeded += 1;
+    }
+    assert_eq!(
+        succeeded, 40,
+        "every operation ran once the broker was back"
+    );
+}
