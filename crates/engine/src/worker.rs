@@ -28,6 +28,9 @@ pub enum Observed<'a> {
 
 pub type Observer = Arc<dyn Fn(Observed<'_>) + Send + Sync>;
 
+/// How the error of an operation failed as poison begins.
+pub const POISON: &str = "poison message";
+
 /// How a finished operation is shown to a client waiting on its result (the API's JSON).
 pub type Describe = Arc<dyn Fn(&OperationRecord) -> Value + Send + Sync>;
 
@@ -51,6 +54,9 @@ pub struct EngineConfig {
     pub describe: Option<Describe>,
     /// Who hears about operations starting and ending (Celery events), if anyone.
     pub events: Option<Arc<dyn hefring_queue::WorkerEvents>>,
+    /// How many times a message may be redelivered (workers died holding it) before it is
+    /// poison: its operation fails and the message goes to the dead-letter queue.
+    pub max_redeliveries: i64,
 }
 
 impl EngineConfig {
@@ -66,6 +72,7 @@ impl EngineConfig {
             acme: None,
             describe: None,
             events: None,
+            max_redeliveries: 5,
         }
     }
 }
@@ -163,14 +170,23 @@ impl Engine {
                         id, announcement, ..
                     } = &delivery
                     {
-                        if let Err(e) = self
+                        match self
                             .handle_delivery(&owner, id, announcement.as_ref(), &shutdown)
                             .await
                         {
-                            tracing::warn!(operation = %id, error = %e, "handling a delivered operation failed");
-                            // Not acked: the broker delivers it again (to this or another
-                            // worker) once this channel is gone or the message is rejected.
-                            continue;
+                            Ok(None) => {}
+                            Ok(Some(poison)) => {
+                                if let Err(e) = self.queue.dead_letter(&delivery, &poison).await {
+                                    tracing::warn!(operation = %id, error = %e, "dead-lettering failed");
+                                }
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(operation = %id, error = %e, "handling a delivered operation failed");
+                                // Not acked: the broker delivers it again (to this or another
+                                // worker) once this channel is gone or the message is rejected.
+                                continue;
+                            }
                         }
                     }
                     if let Err(e) = self.queue.ack(&delivery).await {
@@ -188,29 +204,35 @@ impl Engine {
     /// A message named an operation: create it if a foreign client (Python Celery) sent it,
     /// run it (or wait while its subject is busy or another worker runs it) until it ends, and
     /// send its outcome to a client waiting for it. Answers once the outcome is committed, so
-    /// the message can be acked.
+    /// the message can be acked, or why it is poison (then it goes to the dead-letter queue):
+    /// a redelivered message is counted, and past `max_redeliveries` the operation fails
+    /// instead of running again (see [`POISON`]).
     async fn handle_delivery(
         &self,
         owner: &str,
         id: &str,
         announcement: Option<&hefring_queue::Announcement>,
         shutdown: &watch::Receiver<bool>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let store = &self.ctx.store;
         let mut id = id.to_string();
         if let (Some(events), Some(a)) = (&self.config.events, announcement) {
             events.received(&id, &a.kind, &a.kwargs).await;
         }
         // The common case first: an operation stored and ready, claimed by its id.
+        let redelivered = announcement.is_some_and(|a| a.redelivered);
+        if redelivered {
+            store.count_redelivery(&id).await?;
+        }
         let waiting_client = announcement.and_then(|a| a.reply_to.as_ref()).is_some();
-        if self.claim_and_run(owner, Some(&id)).await? && !waiting_client {
+        if self.claim_and_run(owner, Some(&id)).await? && !waiting_client && !redelivered {
             // It ran to its end here (or its lease went to another worker, which owns it
             // now): either way this message is done with.
-            return Ok(());
+            return Ok(None);
         }
         if store.get_operation(&id).await?.is_none() {
             let Some(announcement) = announcement else {
-                return Ok(());
+                return Ok(None);
             };
             match self.create_announced(&id, announcement).await? {
                 Ok(existing) => id = existing,
@@ -227,7 +249,7 @@ impl Engine {
                             tracing::warn!(operation = %id, error = %e, "replying failed");
                         }
                     }
-                    return Ok(());
+                    return Ok(None);
                 }
             }
         }
@@ -240,7 +262,7 @@ impl Engine {
                 match store.get_operation(&id).await? {
                     Some(op) if op.status.is_terminal() => break op,
                     Some(_) => tokio::time::sleep(self.config.poll).await,
-                    None => return Ok(()),
+                    None => return Ok(None),
                 }
             }
         };
@@ -260,7 +282,9 @@ impl Engine {
                 tracing::warn!(operation = %finished.id, error = %e, "replying failed");
             }
         }
-        Ok(())
+        Ok(finished
+            .error
+            .filter(|e| finished.status == OperationStatus::Failed && e.starts_with(POISON)))
     }
 
     /// Stores the operation a foreign message asks for, with the message's id. Answers the
@@ -459,6 +483,29 @@ impl Engine {
                 .await;
         };
 
+        if op.deliveries > self.config.max_redeliveries {
+            // Workers kept going away while running it: do not let it take another one down.
+            let reason = format!(
+                "{POISON}: its message was redelivered {} times (workers kept going away while running it), so it is not run again; the message goes to the dead-letter queue {}",
+                op.deliveries,
+                hefring_queue::amqp::DEAD_LETTER_QUEUE
+            );
+            if let Some(task) = planned.get(first) {
+                log.set_task(&task.name);
+                log.info(format!("failed: {reason}"));
+                log.flush().await;
+                let failed = TaskOutcome {
+                    status: TaskStatus::Failed,
+                    state_patch: None,
+                };
+                store
+                    .finish_task(&op.id, owner, task.position, &failed, None, now_ms())
+                    .await?;
+            }
+            return self
+                .roll_back_and_end(op, owner, log, &state, Ending::Failed(reason))
+                .await;
+        }
         for (index, task) in planned.iter().enumerate().skip(first) {
             if *interrupt.borrow() == Interrupt::Cancel {
                 return self

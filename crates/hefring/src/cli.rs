@@ -152,6 +152,10 @@ pub struct EngineArgs {
     /// Seconds one task may run before it is killed and fails.
     #[arg(long, env = "HEFRING_TASK_TIMEOUT", default_value_t = 3600)]
     pub task_timeout: u64,
+    /// Redeliveries of a message (workers died holding it) before it is poison: its
+    /// operation fails and the message goes to the queue `hefring.dead`.
+    #[arg(long, env = "HEFRING_MAX_REDELIVERIES", default_value_t = 5)]
+    pub max_redeliveries: i64,
     /// Seconds an operation's lease lasts without renewal (at most 15).
     #[arg(long, env = "HEFRING_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=15))]
     pub lease_seconds: u64,

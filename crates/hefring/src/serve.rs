@@ -121,6 +121,7 @@ fn engine_config(
     config.queues = queues;
     config.task_timeout = Duration::from_secs(args.task_timeout);
     config.lease = Duration::from_secs(args.lease_seconds);
+    config.max_redeliveries = args.max_redeliveries;
     config.acme = args
         .acme_directory
         .clone()

@@ -50,6 +50,9 @@ use crate::{Announcement, Delivery, Job, Outcome, Queue, QueueError};
 /// Celery task names of operations are `hefring.<operation kind>`.
 pub const TASK_PREFIX: &str = "hefring.";
 
+/// Where poison messages go: messages redelivered too often (workers kept dying on them).
+pub const DEAD_LETTER_QUEUE: &str = "hefring.dead";
+
 /// The queue operations go to unless routed elsewhere (a target's `hefring.target.<id>`).
 pub const DEFAULT_QUEUE: &str = "hefring";
 
@@ -126,8 +129,9 @@ struct Shared {
     publisher: Mutex<Option<Arc<Publisher>>>,
     /// Deliveries handed out and not yet acked, by their [`Delivery::Operation`] tag.
     pending: SyncMutex<HashMap<u64, Acker>>,
-    /// The queue each delivery handed out came from, until [`Queue::next`] reads it.
-    routing_keys: SyncMutex<HashMap<u64, String>>,
+    /// The queue each delivery handed out came from and whether it was redelivered, until
+    /// [`Queue::next`] reads it.
+    routing_keys: SyncMutex<HashMap<u64, (String, bool)>>,
     next_tag: AtomicU64,
 }
 
@@ -425,11 +429,13 @@ impl AmqpQueue {
             match decode_delivery(&delivery) {
                 Ok(message) => {
                     let tag = self.shared.remember(delivery.acker);
-                    self.shared
-                        .routing_keys
-                        .lock()
-                        .expect("lock")
-                        .insert(tag, delivery.routing_key.as_str().to_owned());
+                    self.shared.routing_keys.lock().expect("lock").insert(
+                        tag,
+                        (
+                            delivery.routing_key.as_str().to_owned(),
+                            delivery.redelivered,
+                        ),
+                    );
                     return Ok(Some((message, tag)));
                 }
                 Err(error) => {
@@ -519,13 +525,13 @@ impl Queue for AmqpQueue {
     async fn next(&self, poll: Duration) -> Result<Delivery, QueueError> {
         Ok(match self.next_message(poll).await? {
             Some((message, tag)) => {
-                let queue = self
+                let (queue, redelivered) = self
                     .shared
                     .routing_keys
                     .lock()
                     .expect("lock")
                     .remove(&tag)
-                    .unwrap_or_else(|| self.shared.options.default_queue.clone());
+                    .unwrap_or_else(|| (self.shared.options.default_queue.clone(), false));
                 let announcement = Announcement {
                     kind: message
                         .task
@@ -535,6 +541,7 @@ impl Queue for AmqpQueue {
                     kwargs: Value::Object(message.kwargs.clone()),
                     queue,
                     reply_to: message.reply_to.clone(),
+                    redelivered,
                 };
                 Delivery::Operation {
                     id: message.id,
@@ -548,6 +555,46 @@ impl Queue for AmqpQueue {
 
     fn names_operations(&self) -> bool {
         true
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), QueueError> {
+        let Delivery::Operation {
+            id,
+            announcement: Some(announcement),
+            ..
+        } = delivery
+        else {
+            return self.ack(delivery).await;
+        };
+        let mut message = task_message(&Job {
+            operation_id: id.clone(),
+            kind: announcement.kind.clone(),
+            queue: DEAD_LETTER_QUEUE.to_owned(),
+            kwargs: announcement.kwargs.clone(),
+        })?;
+        message.extra_headers.insert(
+            "x-hefring-dead-reason".to_owned(),
+            Value::String(reason.to_owned()),
+        );
+        message.extra_headers.insert(
+            "x-hefring-queue".to_owned(),
+            Value::String(announcement.queue.clone()),
+        );
+        let encoded = celery::encode(&message);
+        let publisher = self
+            .shared
+            .publisher()
+            .await
+            .map_err(|e| queue_error("connecting to dead-letter a message", e))?;
+        publisher
+            .publish(DEAD_LETTER_QUEUE, &encoded)
+            .await
+            .map_err(|e| match e {
+                Failure::Fatal(e) => QueueError(e),
+                Failure::Retry(e) => queue_error("dead-lettering a message", e),
+            })?;
+        // Only once it is safely in the dead-letter queue does it leave its own.
+        self.ack(delivery).await
     }
 
     async fn reply(&self, reply_to: &str, outcome: &Outcome) -> Result<(), QueueError> {

@@ -40,6 +40,8 @@ pub struct Announcement {
     pub queue: String,
     /// Where the client waits for the result (Celery's `rpc://` backend), if it does.
     pub reply_to: Option<String>,
+    /// The broker delivered it before (a worker went away holding it).
+    pub redelivered: bool,
 }
 
 /// How an operation ended, for a client waiting on its result.
@@ -78,6 +80,11 @@ pub trait Queue: Send + Sync + 'static {
     async fn next(&self, poll: Duration) -> Result<Delivery, QueueError>;
     /// The delivery was handled (its outcome is committed to the store).
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError>;
+    /// Moves a delivery that keeps failing to the dead-letter queue (and acks it there).
+    async fn dead_letter(&self, delivery: &Delivery, _reason: &str) -> Result<(), QueueError> {
+        self.ack(delivery).await
+    }
+
     /// Whether deliveries name the operation to run (a broker holding one message per
     /// operation). Workers then claim exactly what they are handed, and look through the
     /// store for claimable work only when the queue is idle (a lost message, an operation

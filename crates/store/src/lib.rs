@@ -212,6 +212,9 @@ pub trait Store: Send + Sync + 'static {
         outcome: &OperationOutcome,
         now: i64,
     ) -> Result<()>;
+    /// Counts one more redelivery of the operation's message; answers the count (`None`
+    /// when there is no such operation).
+    async fn count_redelivery(&self, id: &str) -> Result<Option<i64>>;
     /// Cancels a queued operation at once; asks the worker of a running one to stop.
     async fn request_cancel(&self, id: &str, now: i64) -> Result<OperationRecord>;
     /// A new attempt of a failed or cancelled operation.

@@ -225,6 +225,7 @@ fn operation_from_row(row: &PgRow, tasks: Vec<TaskRecord>) -> Result<OperationRe
         result: json_col(row, "result")?,
         error: row.try_get("error")?,
         cancel_requested: row.try_get("cancel_requested")?,
+        deliveries: row.try_get("deliveries")?,
         queue: row.try_get("queue")?,
         created_at: row.try_get("created_at")?,
         started_at: row.try_get("started_at")?,
@@ -980,6 +981,15 @@ impl Store for PostgresStore {
             return Err(StoreError::NotFound);
         }
         Ok(())
+    }
+
+    async fn count_redelivery(&self, id: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "UPDATE operations SET deliveries = deliveries + 1 WHERE id = $1 RETURNING deliveries",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     async fn environments_running(&self, release: &str) -> Result<Vec<String>> {

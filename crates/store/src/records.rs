@@ -147,6 +147,8 @@ pub struct OperationRecord {
     pub result: Value,
     pub error: Option<String>,
     pub cancel_requested: bool,
+    /// How many times a broker redelivered its message (workers died holding it).
+    pub deliveries: i64,
     pub queue: String,
     pub created_at: i64,
     pub started_at: Option<i64>,

@@ -291,6 +291,7 @@ fn operation_from_row(row: &Row, tasks: Vec<TaskRecord>) -> Result<OperationReco
         result: json_col(row, "result")?,
         error: row.get("error")?,
         cancel_requested: row.get::<_, i64>("cancel_requested")? != 0,
+        deliveries: row.get("deliveries")?,
         queue: row.get("queue")?,
         created_at: row.get("created_at")?,
         started_at: row.get("started_at")?,
@@ -858,6 +859,19 @@ impl Store for SqliteStore {
                 return Err(StoreError::NotFound);
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn count_redelivery(&self, id: &str) -> Result<Option<i64>> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "UPDATE operations SET deliveries = deliveries + 1 WHERE id = ? RETURNING deliveries",
+                )?
+                .query_row([id], |r| r.get(0))
+                .optional()?)
         })
         .await
     }

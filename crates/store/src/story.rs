@@ -278,6 +278,17 @@ pub async fn logs_in_order(store: &dyn Store) {
     assert_eq!(rest.last().unwrap().attempt, 2);
 }
 
+/// Redeliveries are counted per operation.
+pub async fn redeliveries_are_counted(store: &dyn Store) {
+    store
+        .create_operation(&new_op("op_r", "prj_r", json!({})), 1)
+        .await
+        .unwrap();
+    assert_eq!(store.count_redelivery("op_r").await.unwrap(), Some(1));
+    assert_eq!(store.count_redelivery("op_r").await.unwrap(), Some(2));
+    assert_eq!(store.count_redelivery("op_none").await.unwrap(), None);
+}
+
 /// Names are unique; lists page newest first.
 pub async fn targets_page_newest_first(store: &dyn Store) {
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
@@ -468,7 +479,8 @@ mod sqlite {
         cancel_and_retry,
         logs_in_order,
         targets_page_newest_first,
-        environments_unique_among_live
+        environments_unique_among_live,
+        redeliveries_are_counted
     );
 }
 
@@ -604,7 +616,8 @@ mod postgres {
         cancel_and_retry,
         logs_in_order,
         targets_page_newest_first,
-        environments_unique_among_live
+        environments_unique_among_live,
+        redeliveries_are_counted
     );
 
     /// Several worker processes (a pool each) claiming at once: every operation is claimed

@@ -676,3 +676,113 @@ async fn a_broker_restart_under_load_loses_no_operation() {
         "every operation ran once the broker was back"
     );
 }
+
+/// The message count of `queue` in the vhost (ready and unacknowledged).
+fn queue_messages(vhost: &Vhost, queue: &str) -> u64 {
+    let out = run(
+        "rabbitmqctl",
+        &["-q", "list_queues", "-p", &vhost.0, "name", "messages"],
+    );
+    out.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(name, _)| *name == queue)
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_killing_workers_goes_to_the_dead_letter_queue() {
+    let database = Database::create();
+    let vhost = Vhost::new();
+    let server = distributed_server(&database, &vhost).await;
+    let repo = Repo::new("runtime: php\n");
+    let project = server
+        .create(
+            "/projects",
+            json!({"name": "poison", "git_url": repo.url()}),
+        )
+        .await;
+    let project = project["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(&format!("/projects/{project}/verify"), None)
+        .await;
+    let id = op["id"].as_str().unwrap().to_string();
+    let options = ["--max-redeliveries", "2", "--lease-seconds", "2"];
+    // Three workers in turn die at the operation's first task (injected crash).
+    for _ in 0..3 {
+        let mut child = Command::new(BIN)
+            .args([
+                "worker",
+                "--database-url",
+                &database.url(),
+                "--broker-url",
+                &vhost.url(),
+                "--data-dir",
+            ])
+            .arg(server.data_dir())
+            .args(options)
+            .env("HEFRING_FAULT_CRASH_AT", "fetch_repository")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the worker did not crash");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // A healthy worker gets the message a fourth time: it is poison now.
+    let _healthy = Worker::start(server.data_dir(), &database.url(), &vhost.url(), &options);
+    let done = server.wait_op(&id).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap()
+            .contains("dead-letter queue hefring.dead"),
+        "{done}"
+    );
+    assert_eq!(
+        attempts(&done)[0],
+        ("fetch_repository".to_string(), 3),
+        "it did not run a fourth time: {done}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // (The local target's verify was in flight on the same dying workers, so its message
+    // may be counted as poison too: counting redeliveries cannot tell who killed a worker.)
+    while queue_messages(&vhost, "hefring.dead") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no message in hefring.dead: {}",
+            run(
+                "rabbitmqctl",
+                &[
+                    "-q",
+                    "list_queues",
+                    "-p",
+                    &vhost.0,
+                    "name",
+                    "messages",
+                    "messages_unacknowledged",
+                    "consumers"
+                ]
+            )
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        queue_messages(&vhost, "hefring"),
+        0,
+        "it left its own queue"
+    );
+    // Other work goes on.
+    let next = server
+        .start_op(&format!("/projects/{project}/verify"), None)
+        .await;
+    assert_eq!(
+        server.wait_op(next["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+}
