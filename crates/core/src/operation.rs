@@ -52,6 +52,8 @@ string_enum!(
         EnvironmentDelete => "environment_delete",
         EnvironmentVerify => "environment_verify",
         EnvironmentRenewCertificate => "environment_renew_certificate",
+        EnvironmentDisable => "environment_disable",
+        EnvironmentEnable => "environment_enable",
         SystemNoop => "system_noop",
     }
 );
@@ -91,7 +93,9 @@ impl OperationKind {
             | OperationKind::EnvironmentUpdate
             | OperationKind::EnvironmentDelete
             | OperationKind::EnvironmentVerify
-            | OperationKind::EnvironmentRenewCertificate => SubjectType::Environment,
+            | OperationKind::EnvironmentRenewCertificate
+            | OperationKind::EnvironmentDisable
+            | OperationKind::EnvironmentEnable => SubjectType::Environment,
             OperationKind::SystemNoop => SubjectType::System,
         }
     }
@@ -143,6 +147,10 @@ impl OperationKind {
             ],
             OperationKind::EnvironmentVerify => &["check_servers", "check_health"],
             OperationKind::EnvironmentRenewCertificate => &["obtain_certificate", "reload_nginx"],
+            // The site answers every path with the "site disabled" page (503), or serves again;
+            // nothing else changes.
+            OperationKind::EnvironmentDisable => &["disable_site"],
+            OperationKind::EnvironmentEnable => &["enable_site"],
             OperationKind::SystemNoop => &["noop"],
         }
     }

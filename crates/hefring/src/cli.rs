@@ -330,6 +330,18 @@ pub enum EnvCommand {
         #[command(flatten)]
         follow: Follow,
     },
+    /// Answer every path with a "site disabled" page (503) until enabled again.
+    Disable {
+        environment: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Serve a disabled site again.
+    Enable {
+        environment: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
     /// Delete the environment and everything it created on its target.
     Rm {
         environment: String,

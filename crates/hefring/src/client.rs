@@ -579,6 +579,26 @@ pub async fn environment(args: ClientArgs, command: EnvCommand) -> Result<i32> {
                 .await?;
             return client.started(value, follow.follow).await;
         }
+        EnvCommand::Disable {
+            environment,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(Method::POST, &format!("/environments/{id}/disable"), None)
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Enable {
+            environment,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(Method::POST, &format!("/environments/{id}/enable"), None)
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
         EnvCommand::Rm {
             environment,
             follow,

@@ -366,3 +366,43 @@ pub async fn delete(
     .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
+
+/// Disable the site: every path answers 503 with a "site disabled" page until it is enabled
+/// again; nothing else changes.
+#[utoipa::path(post, path = "/api/v1/environments/{id}/disable", tag = "environments", params(("id" = String, Path)),
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn disable(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    toggle(state, caller, id, OperationKind::EnvironmentDisable).await
+}
+
+/// Enable a disabled site again.
+#[utoipa::path(post, path = "/api/v1/environments/{id}/enable", tag = "environments", params(("id" = String, Path)),
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn enable(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    toggle(state, caller, id, OperationKind::EnvironmentEnable).await
+}
+
+async fn toggle(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    kind: OperationKind,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let env = load(&state, &id).await?;
+    if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "disabled") {
+        return Err(ApiError::conflict(format!(
+            "the environment is {}; only a deployed environment can be disabled or enabled",
+            env.status
+        )));
+    }
+    let op = submit(&state, kind, &env.id, json!({}), &caller.0).await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+}

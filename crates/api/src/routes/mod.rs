@@ -58,6 +58,8 @@ fn protected() -> OpenApiRouter<AppState> {
         .routes(routes!(environments::deploy))
         .routes(routes!(environments::update))
         .routes(routes!(environments::verify))
+        .routes(routes!(environments::disable))
+        .routes(routes!(environments::enable))
         .routes(routes!(operations::list))
         .routes(routes!(operations::show))
         .routes(routes!(operations::log))

@@ -279,6 +279,22 @@ mv -T -f "$1.next" "$1""#,
         host: &str,
         https: bool,
     ) -> Result<(), TaskError> {
+        self.expect(manifest, host, https, "health", |status| {
+            status.is_success() || status.is_redirection()
+        })
+        .await
+    }
+
+    /// Requests the health path until the answer is what `wanted` accepts (a reload takes a
+    /// moment to reach every nginx worker), for a few seconds.
+    async fn expect(
+        &self,
+        manifest: &Manifest,
+        host: &str,
+        https: bool,
+        what: &str,
+        wanted: impl Fn(reqwest::StatusCode) -> bool,
+    ) -> Result<(), TaskError> {
         let target = &self.server.target;
         let address = match hefring_core::target::Host::parse("host", &target.host) {
             Ok(hefring_core::target::Host::Ssh { host, .. }) => host,
@@ -311,19 +327,17 @@ mv -T -f "$1.next" "$1""#,
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             match client.get(&url).send().await {
-                Ok(response)
-                    if response.status().is_success() || response.status().is_redirection() =>
-                {
+                Ok(response) if wanted(response.status()) => {
                     self.server
                         .log
-                        .info(format!("health: GET {url} answered {}", response.status()));
+                        .info(format!("{what}: GET {url} answered {}", response.status()));
                     return Ok(());
                 }
                 Ok(response) => last = format!("answered {}", response.status()),
                 Err(e) => last = format!("failed: {e}"),
             }
         }
-        Err(TaskError(format!("health check: GET {url} {last}")))
+        Err(TaskError(format!("{what} check: GET {url} {last}")))
     }
 }
 
@@ -725,6 +739,48 @@ async fn certificate_end(chain_pem: &str) -> Result<i64, TaskError> {
                 text.trim()
             ))
         })
+}
+
+/// Disables (every path answers 503 with the "site disabled" page) or enables the site by
+/// rewriting its server blocks; the release, database and files are untouched.
+pub async fn set_enabled(t: &TaskContext<'_>, enabled: bool) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    let Some(release_id) = site.env.release_id.clone() else {
+        return Err(TaskError::new("the environment is not deployed"));
+    };
+    let release = load_release(t, &release_id).await?;
+    let path = t
+        .ctx
+        .artifact_path(release.artifact_sha256.as_deref().unwrap_or(""));
+    let manifest = tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
+        .await
+        .map_err(|e| TaskError(format!("reading the manifest: {e}")))??;
+    let before = site.env.status.clone();
+    site.env.status = if enabled { "active" } else { "disabled" }.into();
+    site.write_server_blocks(&manifest).await?;
+    let https = site.env.https == Https::Required;
+    let domain = site.env.domain.clone();
+    let served = if enabled {
+        site.check_health(&manifest, &domain, https).await
+    } else {
+        site.expect(&manifest, &domain, https, "disabled", |status| {
+            status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+        })
+        .await
+    };
+    if let Err(e) = served {
+        // Back as it was: the site serves what it served before.
+        site.env.status = before;
+        let _ = site.write_server_blocks(&manifest).await;
+        return Err(e);
+    }
+    save_env(t, &mut site.env).await?;
+    t.log.info(if enabled {
+        "the site serves again"
+    } else {
+        "the site answers every path with the disabled page (503)"
+    });
+    Ok(TaskOutput::done())
 }
 
 pub async fn reload_nginx(t: &TaskContext<'_>) -> TaskResult {

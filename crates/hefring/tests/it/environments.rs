@@ -1056,3 +1056,67 @@ async fn a_system_nginx_can_serve_the_sites_in_the_aegir3_layout() {
         .unwrap_or(false);
     assert!(!served, "the system nginx no longer serves it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_site_answers_every_path_with_503_until_enabled() {
+    let server = Server::start().await;
+    let root = target_root();
+    let (target, http, _) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project, "target": target, "domain": "off.test"}),
+        )
+        .await;
+    let env_id = env["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        deploy(&server, &env_id, &release, "deploy").await["status"],
+        "succeeded"
+    );
+    let client = site_client(&["off.test"], http, None);
+
+    let op = server
+        .start_op(&format!("/environments/{env_id}/disable"), None)
+        .await;
+    assert_eq!(
+        server.wait_op(op["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    let (_, shown) = server.get(&format!("/environments/{env_id}")).await;
+    assert_eq!(shown["status"], "disabled");
+    for path in [
+        "/",
+        "/index.php",
+        "/health.php",
+        "/no/such/page",
+        "/uploads/kept.txt",
+    ] {
+        let (status, body) = page(&client, &format!("http://off.test:{http}{path}")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {body}");
+        assert!(
+            body.contains("off.test"),
+            "{path}: the disabled page names the site: {body}"
+        );
+    }
+    // Nothing else changed: the release and the data are as they were.
+    assert_eq!(shown["release"], release.as_str());
+
+    let op = server
+        .start_op(&format!("/environments/{env_id}/enable"), None)
+        .await;
+    assert_eq!(
+        server.wait_op(op["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    let (status, body) = page(&client, &format!("http://off.test:{http}/")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("release=1") && body.contains("upload=from-install"),
+        "{body}"
+    );
+    let (_, shown) = server.get(&format!("/environments/{env_id}")).await;
+    assert_eq!(shown["status"], "active");
+}
