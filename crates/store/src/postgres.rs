@@ -235,6 +235,32 @@ fn operation_from_row(row: &PgRow, tasks: Vec<TaskRecord>) -> Result<OperationRe
     })
 }
 
+/// Tasks as `claim_named` returns them: `[[position, name, status, attempts, rollback,
+/// started_at, finished_at], ...]` in position order.
+fn tasks_from_json(text: &str) -> Result<Vec<TaskRecord>> {
+    let corrupt = || StoreError::Corrupt(format!("tasks: {text}"));
+    let rows: Vec<Vec<Value>> = serde_json::from_str(text).map_err(|_| corrupt())?;
+    rows.into_iter()
+        .map(|r| {
+            if r.len() != 7 {
+                return Err(corrupt());
+            }
+            Ok(TaskRecord {
+                position: r[0].as_i64().ok_or_else(corrupt)?,
+                name: r[1].as_str().ok_or_else(corrupt)?.to_string(),
+                status: r[2]
+                    .as_str()
+                    .and_then(TaskStatus::parse)
+                    .ok_or_else(corrupt)?,
+                attempts: r[3].as_i64().ok_or_else(corrupt)?,
+                rollback: r[4].as_bool().ok_or_else(corrupt)?,
+                started_at: r[5].as_i64(),
+                finished_at: r[6].as_i64(),
+            })
+        })
+        .collect()
+}
+
 fn task_from_row(row: &PgRow) -> Result<TaskRecord> {
     Ok(TaskRecord {
         position: row.try_get("position")?,
@@ -446,7 +472,13 @@ impl PostgresStore {
             }
             qb.push(")");
         }
-        qb.push(" RETURNING o.*");
+        // The tasks come back in the same round trip, as JSON rows.
+        qb.push(
+            " RETURNING o.*, (SELECT COALESCE(json_agg(json_build_array(t.position, t.name,
+                 t.status, t.attempts, t.rollback, t.started_at, t.finished_at)
+                 ORDER BY t.position), '[]')::text
+               FROM tasks t WHERE t.operation_id = o.id) AS tasks_json",
+        );
         let row = match qb.build().fetch_optional(&self.pool).await {
             Ok(row) => row,
             // Another operation of the subject started at the same moment: not claimable now.
@@ -456,13 +488,7 @@ impl PostgresStore {
         let Some(row) = row else {
             return Ok(None);
         };
-        let tasks = sqlx::query("SELECT * FROM tasks WHERE operation_id = $1 ORDER BY position")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(task_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let tasks = tasks_from_json(&row.try_get::<String, _>("tasks_json")?)?;
         Ok(Some(operation_from_row(&row, tasks)?))
     }
 
