@@ -95,7 +95,37 @@ pub async fn inspect_system(t: &TaskContext<'_>) -> TaskResult {
         ));
     }
     let missing = target::missing_requirements(&found);
+    // Hefring's own servers on the target (started by the first deploy), by their pid files.
+    let layout = hefring_core::environment::Layout::new(target.root.clone());
+    let (code, out) = run_captured(
+        exec.as_ref(),
+        &CommandSpec::new([
+            "sh",
+            "-c",
+            r#"for f in "$@"; do pid=$(cat "$f" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo running || echo stopped; done"#,
+            "sh",
+            &format!("{}/nginx.pid", layout.nginx_dir()),
+            &format!("{}/php-fpm.pid", layout.fpm_dir()),
+        ]),
+        t.log,
+    )
+    .await?;
+    let states: Vec<&str> = if code == Some(0) {
+        out.lines().collect()
+    } else {
+        Vec::new()
+    };
+    let nginx_state = if target.settings.system_nginx.is_some() {
+        "system"
+    } else {
+        states.first().copied().unwrap_or("unknown")
+    };
+    let fpm_state = states.get(1).copied().unwrap_or("unknown");
+    t.log.info(format!(
+        "Hefring's nginx: {nginx_state}; Hefring's PHP-FPM: {fpm_state} (started by the first deploy)"
+    ));
     target.inspection = Some(json!({
+        "servers": {"nginx": nginx_state, "php-fpm": fpm_state},
         "os": found.os,
         "kernel": found.kernel,
         "tools": found.tools.iter().map(|(n, p)| (n.clone(), json!(p))).collect::<serde_json::Map<_, _>>(),

@@ -278,6 +278,24 @@ async fn a_php_site_on_mariadb_is_deployed_updated_rolled_back_and_deleted() {
     assert_eq!(shown["status"], "active");
     assert_eq!(shown["release"], release1.as_str());
 
+    // The target's verify reports Hefring's own servers.
+    let op = server
+        .start_op(&format!("/targets/{target}/verify"), None)
+        .await;
+    assert_eq!(
+        server.wait_op(op["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+    let (_, shown_target) = server.get(&format!("/targets/{target}")).await;
+    assert_eq!(
+        shown_target["inspection"]["servers"]["nginx"], "running",
+        "{shown_target}"
+    );
+    assert_eq!(
+        shown_target["inspection"]["servers"]["php-fpm"], "running",
+        "{shown_target}"
+    );
+
     let client = site_client(&["app.test", "www.app.test", "app2.test"], http, None);
     let (status, body) = page(&client, &format!("http://app.test:{http}/")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
