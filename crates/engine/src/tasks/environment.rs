@@ -23,10 +23,6 @@ use super::server::{tool, Server};
 use crate::run::{TaskContext, TaskError, TaskOutput, TaskResult};
 use crate::time::now_ms;
 
-/// How many releases an environment keeps unpacked: the one it serves and the one before,
-/// so a switch back needs no unpacking.
-const RELEASES_KEPT: usize = 2;
-
 async fn load_env(t: &TaskContext<'_>) -> Result<EnvironmentRecord, TaskError> {
     t.ctx
         .store
@@ -1044,6 +1040,8 @@ pub async fn dump_database(t: &TaskContext<'_>) -> TaskResult {
     Ok(TaskOutput::with_state(json!({ "dump": file })))
 }
 
+/// Keeps the release served and the one before (so a switch back needs no unpacking), and
+/// the newest safety dump; removes the rest. Housekeeping: it never fails an update.
 pub async fn prune_releases(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let keep: Vec<String> = [
@@ -1067,7 +1065,6 @@ pub async fn prune_releases(t: &TaskContext<'_>) -> TaskResult {
         .filter(|name| !name.is_empty() && !keep.iter().any(|k| k == name))
         .map(|name| format!("{}/{name}", site.layout().releases_dir(site.id())))
         .collect();
-    debug_assert!(keep.len() <= RELEASES_KEPT);
     // Pruning is housekeeping: a failure here must not undo a good update.
     if !stale.is_empty() {
         match site.server.remove(&stale).await {
@@ -1125,7 +1122,6 @@ async fn restore_dump(site: &Site<'_>, manifest: &Manifest, dump: &str) -> Resul
     let Some(access) = site.database(manifest) else {
         return Ok(());
     };
-    let target = &site.server.target;
     let spec = match access.kind {
         DatabaseKind::Mariadb => {
             let mut spec = mariadb_admin(site);
@@ -1162,7 +1158,6 @@ async fn restore_dump(site: &Site<'_>, manifest: &Manifest, dump: &str) -> Resul
         ]),
         DatabaseKind::None => return Ok(()),
     };
-    let _ = target;
     let code = site.server.run(&spec).await?;
     crate::run::require_success(code, "restoring the safety dump")
 }
