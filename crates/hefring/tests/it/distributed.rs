@@ -73,7 +73,7 @@ impl Drop for Vhost {
 }
 
 /// A PostgreSQL database of its own on the machine's server, dropped on drop.
-pub struct Database(String);
+pub struct Database(pub String);
 
 impl Database {
     pub fn create() -> Database {
@@ -678,6 +678,7 @@ async fn a_broker_restart_under_load_loses_no_operation() {
 }
 
 /// The message count of `queue` in the vhost (ready and unacknowledged).
+#[cfg(feature = "fault-injection")]
 fn queue_messages(vhost: &Vhost, queue: &str) -> u64 {
     let out = run(
         "rabbitmqctl",

@@ -46,9 +46,14 @@ impl Drop for TargetRoot {
 }
 
 pub fn target_root() -> TargetRoot {
+    target_root_in(std::path::Path::new("/tmp"))
+}
+
+/// [`target_root`] below another directory (tmpfs, for a big application).
+pub fn target_root_in(parent: &std::path::Path) -> TargetRoot {
     let dir = tempfile::Builder::new()
         .prefix("hft-")
-        .tempdir_in("/tmp")
+        .tempdir_in(parent)
         .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     TargetRoot(dir)

@@ -319,7 +319,7 @@ async fn mediawiki_from_debian_is_deployed_over_http_and_https_updated_rolled_ba
 
     let server = Server::start().await;
     let _scratch = FastScratch::for_server(&server);
-    let root = FastRoot::new();
+    let root = crate::environments::target_root_in(&fast_dir());
     let (target, http, https) = local_target(&server, "web", root.path()).await;
     let project = server
         .create("/projects", json!({"name": "wiki", "git_url": repo.url()}))
@@ -571,40 +571,6 @@ fn fast_dir() -> PathBuf {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()
-    }
-}
-
-/// A target root on tmpfs that the web user can traverse (as `environments::target_root`);
-/// when dropped, it stops the nginx and PHP-FPM that Hefring started there.
-struct FastRoot(tempfile::TempDir);
-
-impl FastRoot {
-    fn new() -> FastRoot {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::Builder::new()
-            .prefix("hft-")
-            .tempdir_in(fast_dir())
-            .unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        FastRoot(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for FastRoot {
-    fn drop(&mut self) {
-        for pid_file in ["nginx/nginx.pid", "php-fpm/php-fpm.pid"] {
-            if let Ok(pid) = std::fs::read_to_string(self.path().join(pid_file)) {
-                if let Ok(pid) = pid.trim().parse::<i32>() {
-                    let _ = Command::new("kill")
-                        .args(["-TERM", &pid.to_string()])
-                        .status();
-                }
-            }
-        }
     }
 }
 

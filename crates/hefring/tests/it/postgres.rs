@@ -4,57 +4,8 @@ use std::process::Command;
 
 use serde_json::json;
 
+use crate::distributed::Database;
 use crate::harness::{create_token, Repo, Server};
-
-struct Database(String);
-
-impl Database {
-    fn create() -> Database {
-        let name = format!("hefring_it_{}_{}", std::process::id(), rand_suffix());
-        let out = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-            ])
-            .arg(format!("CREATE DATABASE {name}"))
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "PostgreSQL on 127.0.0.1:5432: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Database(name)
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.0)
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c"])
-            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0))
-            .output();
-    }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        % 1_000_000_007
-}
 
 #[tokio::test]
 async fn the_whole_system_runs_on_postgresql_state() {
