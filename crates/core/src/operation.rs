@@ -54,6 +54,7 @@ string_enum!(
         EnvironmentRenewCertificate => "environment_renew_certificate",
         EnvironmentDisable => "environment_disable",
         EnvironmentEnable => "environment_enable",
+        EnvironmentLogin => "environment_login",
         SystemNoop => "system_noop",
     }
 );
@@ -95,7 +96,8 @@ impl OperationKind {
             | OperationKind::EnvironmentVerify
             | OperationKind::EnvironmentRenewCertificate
             | OperationKind::EnvironmentDisable
-            | OperationKind::EnvironmentEnable => SubjectType::Environment,
+            | OperationKind::EnvironmentEnable
+            | OperationKind::EnvironmentLogin => SubjectType::Environment,
             OperationKind::SystemNoop => SubjectType::System,
         }
     }
@@ -151,6 +153,7 @@ impl OperationKind {
             // nothing else changes.
             OperationKind::EnvironmentDisable => &["disable_site"],
             OperationKind::EnvironmentEnable => &["enable_site"],
+            OperationKind::EnvironmentLogin => &["run_login_command"],
             OperationKind::SystemNoop => &["noop"],
         }
     }

@@ -342,6 +342,10 @@ pub enum EnvCommand {
         #[command(flatten)]
         follow: Follow,
     },
+    /// Print a one-time link that logs in to the site (the manifest's `login` command).
+    LoginLink {
+        environment: String,
+    },
     /// Delete the environment and everything it created on its target.
     Rm {
         environment: String,

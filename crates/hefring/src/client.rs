@@ -599,6 +599,19 @@ pub async fn environment(args: ClientArgs, command: EnvCommand) -> Result<i32> {
                 .await?;
             return client.started(value, follow.follow).await;
         }
+        EnvCommand::LoginLink { environment } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/environments/{id}/login-link"),
+                    None,
+                )
+                .await?;
+            client.print(&value, || {
+                println!("{}", value["url"].as_str().unwrap_or_default())
+            });
+        }
         EnvCommand::Rm {
             environment,
             follow,

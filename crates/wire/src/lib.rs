@@ -319,3 +319,11 @@ pub struct DeployRelease {
 pub struct CaCertificate {
     pub pem: String,
 }
+
+/// A one-time login link, made by the environment's `login` command.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct LoginLink {
+    pub url: String,
+    /// The operation that made it (for the audit trail).
+    pub operation: String,
+}

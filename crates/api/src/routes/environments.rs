@@ -13,7 +13,7 @@ use hefring_store::{
     EnvironmentFilter, EnvironmentRecord, OperationFilter, Page, ReleaseRecord, Store,
 };
 use hefring_wire::{
-    CreateEnvironment, DeployRelease, Environment, ErrorBody, List, Operation, PageQuery,
+    CreateEnvironment, DeployRelease, Environment, ErrorBody, List, LoginLink, Operation, PageQuery,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -405,4 +405,64 @@ async fn toggle(
     }
     let op = submit(&state, kind, &env.id, json!({}), &caller.0).await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+}
+
+/// A one-time link that logs in to the site, made by the manifest's `login` command in the
+/// environment. Answered within the request, and recorded as an operation for the audit trail.
+#[utoipa::path(post, path = "/api/v1/environments/{id}/login-link", tag = "environments", params(("id" = String, Path)),
+    responses((status = 200, body = LoginLink), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn login_link(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<LoginLink>> {
+    let env = load(&state, &id).await?;
+    if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "disabled") {
+        return Err(ApiError::conflict(format!(
+            "the environment is {}; only a deployed environment has a login link",
+            env.status
+        )));
+    }
+    let op = submit(
+        &state,
+        OperationKind::EnvironmentLogin,
+        &env.id,
+        json!({}),
+        &caller.0,
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let current = state
+            .store
+            .get_operation(&op.id)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("operation {} vanished", op.id)))?;
+        match current.status {
+            OperationStatus::Succeeded => {
+                let url = current.state["login_url"]
+                    .as_str()
+                    .ok_or_else(|| ApiError::Internal("the login link was not recorded".into()))?
+                    .to_string();
+                return Ok(Json(LoginLink {
+                    url,
+                    operation: op.id,
+                }));
+            }
+            status if status.is_terminal() => {
+                return Err(ApiError::conflict(format!(
+                    "making the login link {status} (operation {}): {}",
+                    op.id,
+                    current.error.unwrap_or_default()
+                )))
+            }
+            _ if std::time::Instant::now() > deadline => {
+                return Err(ApiError::conflict(format!(
+                    "the login link is not made yet; operation {} is {}",
+                    op.id, current.status
+                )))
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
 }

@@ -60,6 +60,7 @@ fn protected() -> OpenApiRouter<AppState> {
         .routes(routes!(environments::verify))
         .routes(routes!(environments::disable))
         .routes(routes!(environments::enable))
+        .routes(routes!(environments::login_link))
         .routes(routes!(operations::list))
         .routes(routes!(operations::show))
         .routes(routes!(operations::log))

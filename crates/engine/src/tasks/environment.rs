@@ -779,6 +779,59 @@ pub async fn set_enabled(t: &TaskContext<'_>, enabled: bool) -> TaskResult {
     Ok(TaskOutput::done())
 }
 
+/// Runs the manifest's `login` command in the release being served and keeps the one-time
+/// URL it printed (its last line that is a URL or an absolute path, made absolute with the
+/// site's URL) in the operation's state, where the API reads it: never in the log or the
+/// operation's result, as it logs in whoever holds it.
+pub async fn run_login_command(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let Some(release_id) = site.env.release_id.clone() else {
+        return Err(TaskError::new("the environment is not deployed"));
+    };
+    if !matches!(site.env.status.as_str(), "active" | "disabled") {
+        return Err(TaskError(format!("the environment is {}", site.env.status)));
+    }
+    let release = load_release(t, &release_id).await?;
+    let path = t
+        .ctx
+        .artifact_path(release.artifact_sha256.as_deref().unwrap_or(""));
+    let manifest = tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
+        .await
+        .map_err(|e| TaskError(format!("reading the manifest: {e}")))??;
+    let Some(login) = &manifest.login else {
+        return Err(TaskError(format!(
+            "the release's {MANIFEST_FILE} has no login command"
+        )));
+    };
+    let spec = site.server.as_web_user(
+        CommandSpec::new(login.argv())
+            .cwd(site.layout().release_dir(site.id(), &release.id))
+            .envs(site.variables(&manifest, &release)),
+    );
+    t.log.info(format!("$ {}", login.display()));
+    // Its output is the link itself: captured, not logged (errors still are).
+    let (code, out) = crate::run::run_captured(site.server.exec.as_ref(), &spec, t.log).await?;
+    crate::run::require_success(code, "the login command")?;
+    let base = site.url();
+    let url = out
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find_map(|line| {
+            if line.starts_with("http://") || line.starts_with("https://") {
+                Some(line.to_string())
+            } else if line.starts_with('/') {
+                Some(format!("{}{line}", base.trim_end_matches('/')))
+            } else {
+                None
+            }
+        })
+        .ok_or_else(|| TaskError::new("the login command printed no URL"))?;
+    t.log
+        .info("the login command printed a one-time URL (not logged)");
+    Ok(TaskOutput::with_state(json!({ "login_url": url })))
+}
+
 pub async fn reload_nginx(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     site.server.reload_nginx().await?;

@@ -41,6 +41,7 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::EnvironmentRenewCertificate, "reload_nginx") => environment::reload_nginx(t).await,
         (K::EnvironmentDisable, "disable_site") => environment::set_enabled(t, false).await,
         (K::EnvironmentEnable, "enable_site") => environment::set_enabled(t, true).await,
+        (K::EnvironmentLogin, "run_login_command") => environment::run_login_command(t).await,
         (K::EnvironmentDeploy, "write_pool") => environment::write_pool(t).await,
         (K::EnvironmentDeploy, "write_server_block") => environment::write_server_block(t).await,
         (K::EnvironmentDeploy, "run_install_commands") => {
@@ -79,7 +80,9 @@ pub async fn after_failure(t: &TaskContext<'_>, error: &str) {
         | OperationKind::EnvironmentVerify
         | OperationKind::EnvironmentRenewCertificate => environment::mark_failed(t).await,
         // A disable or enable that failed changed nothing the site serves.
-        OperationKind::EnvironmentDisable | OperationKind::EnvironmentEnable => Ok(()),
+        OperationKind::EnvironmentDisable
+        | OperationKind::EnvironmentEnable
+        | OperationKind::EnvironmentLogin => Ok(()),
         _ => Ok(()),
     };
     if let Err(e) = outcome {

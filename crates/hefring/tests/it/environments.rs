@@ -1143,3 +1143,66 @@ async fn a_disabled_site_answers_every_path_with_503_until_enabled() {
     let (_, shown) = server.get(&format!("/environments/{env_id}")).await;
     assert_eq!(shown["status"], "active");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_link_logs_in_once_and_stays_out_of_logs() {
+    let server = Server::start().await;
+    let root = target_root();
+    let (target, http, _) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    repo.commit(&[
+        (
+            ".hefring.yml",
+            &format!("{}login: [php, makelogin.php]\n", app_manifest("sqlite")),
+        ),
+        // A one-time token in the persistent files; the page accepts it once.
+        (
+            "makelogin.php",
+            "<?php $t = bin2hex(random_bytes(16)); file_put_contents(getenv('FILES_DIR') . '/uploads/login-' . $t, '1'); echo \"one-time link:\\n/login.php?token=$t\\n\";\n",
+        ),
+        (
+            "login.php",
+            "<?php $t = preg_replace('/[^0-9a-f]/', '', $_GET['token'] ?? ''); $f = __DIR__ . '/uploads/login-' . $t;\nif ($t !== '' && is_file($f) && unlink($f)) { echo 'welcome, admin'; } else { http_response_code(403); echo 'link used or unknown'; }\n",
+        ),
+    ]);
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project, "target": target, "domain": "in.test"}),
+        )
+        .await;
+    let env_id = env["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        deploy(&server, &env_id, &release, "deploy").await["status"],
+        "succeeded"
+    );
+
+    let (status, link) = server
+        .call(
+            reqwest::Method::POST,
+            &format!("/environments/{env_id}/login-link"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{link}");
+    let url = link["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("http://in.test:{http}/login.php?token=")),
+        "{url}"
+    );
+    let client = site_client(&["in.test"], http, None);
+    let (status, body) = page(&client, url).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "welcome, admin"));
+    let (status, _) = page(&client, url).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "the link works once");
+
+    // Recorded as an operation, without the link in its log or result.
+    let op = server.op(link["operation"].as_str().unwrap()).await;
+    assert_eq!(op["kind"], "environment_login");
+    assert_eq!(op["status"], "succeeded");
+    assert!(!op.to_string().contains("token="), "{op}");
+    let log = server.log_text(link["operation"].as_str().unwrap()).await;
+    assert!(!log.contains("token="), "{log}");
+}
