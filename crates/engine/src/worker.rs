@@ -215,6 +215,9 @@ impl Engine {
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Option<String>, StoreError> {
         let store = &self.ctx.store;
+        // A waiting client knows the message's id, even when it names an identical active
+        // operation (then followed under that operation's id).
+        let message_id = id.to_string();
         let mut id = id.to_string();
         if let (Some(events), Some(a)) = (&self.config.events, announcement) {
             events.received(&id, &a.kind, &a.kwargs).await;
@@ -268,7 +271,7 @@ impl Engine {
         };
         if let Some(reply_to) = announcement.and_then(|a| a.reply_to.as_ref()) {
             let outcome = hefring_queue::Outcome {
-                operation_id: finished.id.clone(),
+                operation_id: message_id,
                 succeeded: finished.status == OperationStatus::Succeeded,
                 operation: match &self.config.describe {
                     Some(describe) => describe(&finished),
