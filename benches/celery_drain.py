@@ -24,9 +24,9 @@ What it does
            --without-gossip --without-mingle --without-heartbeat -l warning
    (`python3 -m celery` is the `celery` command without the pyenv shim in front of it.)
    - like-for-like: `task_acks_late=True`, result backend `rpc://`, one result per task. The
-     drain ends when the client has received all N results from its rpc reply queue
-     (`ResultSet.join_native` with a callback, on the publishing thread, whose reply queue
-     the results go to).
+     drain ends when the client has received all N results from its rpc reply queue (the
+     queue of the publishing thread; by default read with a plain kombu consumer, see
+     "Result collection" below; --collect join_native|get for Celery's result API).
    - defaults: Celery's defaults (acks early, no result backend; `task_ignore_result=True`).
      The drain ends when all N tasks have executed: each task appends one byte to a shared
      file (O_APPEND, one write(2) per task, about 2 us); the client stat(2)s it every 2 ms and
@@ -53,28 +53,42 @@ What it does
    queue and exchanges) and lists what is left in the vhost (best effort, `rabbitmqctl`).
 
 Human-readable progress goes to stderr; the last line on stdout is one JSON object with
-every figure and the settings used. It also carries the machine load: loadavg when the run
-started, and `other_cpu_seconds` = CPU time the machine spent during the drain outside this
-benchmark (client, worker processes, the RabbitMQ VM), from /proc. On this 2-core machine a
-value well above ~0.5 s means something else (a cargo build) competed; rerun then.
+every figure and the settings used. It also carries the machine load: loadavg and CPU busy
+just before the worker starts, and `other_cpu_seconds_during_drain` = CPU time the machine
+spent during the drain outside this benchmark (client, worker processes, the RabbitMQ VM),
+from /proc. On this 2-core machine a value above ~0.5 s means something else (a cargo build,
+a test run) competed; rerun then.
 
-Settings chosen (tried on this machine, Celery 5.7 / kombu 5.7 / py-amqp 5.4, c=2, N=20000)
---------------------------------------------------------------------------------------------
-- `-O fair` vs default: identical in Celery >= 4 (both map to the FAIR pool scheduling
-  strategy; the CLI offers no other), so no -O is passed.
+Settings chosen (measured on this 2-core machine, Celery 5.7.0 / kombu 5.7.0 / py-amqp 5.4.2,
+concurrency 2, N=20000, only runs with no other load during the drain; tasks/s from spawn)
+------------------------------------------------------------------------------------------
+- `-O fair` vs default: identical in Celery 5.7 (both map to the FAIR pool scheduling
+  strategy, and the CLI offers nothing else), so no -O is passed.
 - worker_prefetch_multiplier (prefetch count = multiplier x concurrency):
-    like-for-like: 1 -> ~15% slower, 4 (Celery's default) ~= 16 ~= 64 within noise;
-                   64 is used.
-    defaults:      1 -> clearly slower, 4 (default) a little slower, 16-64 best and equal
-                   within noise; 64 is used.
-  (--prefetch-multiplier overrides; the figures behind this are in the report that came
-  with this script.)
-- Result collection, like-for-like: `join_native` on a ResultSet; iterating AsyncResult.get
-  is available as --collect get. See the `result_collection` figures in the JSON.
+    defaults:      1: the same as 4 (1672 vs 1671 tasks/s at N=10000);
+                   4 (Celery's default): 1915-2171 (4 runs, mean ~2010);
+                   16: 1801-2005; 64: 1868-2050 (mean ~1970). No gain over the default:
+                   4 is used.
+    like-for-like: 1: ~15% slower than 4 (886 vs 1050-1074 tasks/s at N=10000);
+                   4: 1116-1132; 64: 1160-1193 (join_native collection). 64 is used.
+- Result collection (like-for-like). Every way tried keeps up with the worker (the last
+  result arrives within a few ms of the last task executing, backlog below ~600 results),
+  but on 2 cores the client's CPU competes with the worker:
+    ResultSet.join_native: ~6 s client CPU for 20000 results, 1160-1190 tasks/s;
+    AsyncResult.get in order: ~6.7 s, ~1095 tasks/s;
+    a plain kombu consumer on the same rpc reply queue (decodes each result, checks its
+    task id and SUCCESS): ~3.2 s, 1200-1310 tasks/s.
+  Collected alone, after all tasks had executed, join_native receives ~2200-2850 results/s.
+  The kombu consumer is the default (--collect kombu): the least client overhead, so the
+  best figure for Celery; --collect join_native gives the stock-client figure.
 - The worker publishes its results without publisher confirms (Celery's default for the
-  rpc backend; `result_persistent` False); --worker-confirms turns py-amqp confirm_publish on
-  in the worker too, closer to Hefring, which confirms its replies.
+  rpc backend; `result_persistent` False). --worker-confirms turns py-amqp confirm_publish on
+  in the worker too, which is what Hefring does with its replies: ~970 tasks/s (join_native)
+  instead of ~1165.
 - Serializer JSON (protocol 2), events off, no gossip/mingle/heartbeat, log level warning.
+- --wait-idle SECONDS makes the script wait, after publishing, for a quiet machine before it
+  starts the worker (the runs above used --wait-idle 600 --idle-percent 8, and were
+  repeated when other_cpu_seconds_during_drain was above 0.5).
 """
 
 import argparse
@@ -135,7 +149,7 @@ def stamp(i):
 '''
 
 # Best settings found per mode (see the docstring).
-DEFAULT_PREFETCH = {'like-for-like': 64, 'defaults': 64}
+DEFAULT_PREFETCH = {'like-for-like': 64, 'defaults': 4}
 
 
 def log(*a):
@@ -340,7 +354,7 @@ def main():
                     help='worker_prefetch_multiplier (default: the best found per mode)')
     ap.add_argument('--optimization', choices=('default', 'fair'), default=None,
                     help='worker -O (default and fair are the same in Celery >= 4)')
-    ap.add_argument('--collect', choices=('join_native', 'get', 'kombu'), default='join_native',
+    ap.add_argument('--collect', choices=('kombu', 'join_native', 'get'), default='kombu',
                     help='like-for-like: how the client collects the results')
     ap.add_argument('--wait-idle', type=float, default=0, metavar='SECONDS',
                     help='after publishing, wait up to SECONDS for the machine to be quiet '
