@@ -65,12 +65,14 @@ concurrency 2, N=20000, only runs with no other load during the drain; tasks/s f
 - `-O fair` vs default: identical in Celery 5.7 (both map to the FAIR pool scheduling
   strategy, and the CLI offers nothing else), so no -O is passed.
 - worker_prefetch_multiplier (prefetch count = multiplier x concurrency):
-    defaults:      1: the same as 4 (1672 vs 1671 tasks/s at N=10000);
-                   4 (Celery's default): 1915-2171 (4 runs, mean ~2010);
-                   16: 1801-2005; 64: 1868-2050 (mean ~1970). No gain over the default:
-                   4 is used.
-    like-for-like: 1: ~15% slower than 4 (886 vs 1050-1074 tasks/s at N=10000);
-                   4: 1116-1132; 64: 1160-1193 (join_native collection). 64 is used.
+    defaults:      1: 1704 (N=20000; at N=10000 it matched 4, 1672 vs 1671);
+                   4 (Celery's default): 1681-2171 (6 runs, mean ~1950);
+                   16: 1801-2005; 64: 1782-2050 (6 runs, mean ~1910). No gain over the
+                   default: 4 is used.
+    like-for-like: 1: ~886 at N=10000 (4: 1050-1074 there);
+                   with join_native collection: 4: 1116-1132; 64: 1160-1193;
+                   with the kombu collector: 1: 1126; 64: 1167-1310. 64 is used.
+  Expect a run-to-run spread of about +-10% even with nothing else running.
 - Result collection (like-for-like). Every way tried keeps up with the worker (the last
   result arrives within a few ms of the last task executing, backlog below ~600 results),
   but on 2 cores the client's CPU competes with the worker:

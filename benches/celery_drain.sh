@@ -5,6 +5,10 @@
 #
 #   benches/celery_drain.sh [N] [extra celery_drain.py options, e.g. --concurrency 2]
 #
+# On a shared machine add `--wait-idle 600` (start each worker only once the CPUs are quiet)
+# and check `load.other_cpu_seconds_during_drain` in the JSON: above ~0.5 s, something else
+# competed with the drain; rerun.
+#
 # N defaults to 20000. Needs Python with celery 5.x (PYTHON, default python3), RabbitMQ on
 # 127.0.0.1:5672 with guest/guest, and rabbitmqctl. Creates vhost celery-drain-PID, deletes it
 # at the end (also on failure). Progress and details go to stderr; stdout gets the two JSON
