@@ -401,6 +401,31 @@ impl AmqpQueue {
         })
     }
 
+    /// Publishes one message, confirmed, without retrying: to a queue of ours (`declare`), or
+    /// to one a client declared (a reply queue).
+    async fn publish_once(
+        &self,
+        queue: &str,
+        message: &EncodedMessage,
+        declare: bool,
+        what: &str,
+    ) -> Result<(), QueueError> {
+        let publisher = self
+            .shared
+            .publisher()
+            .await
+            .map_err(|e| queue_error(what, e))?;
+        let published = if declare {
+            publisher.publish(queue, message).await
+        } else {
+            publisher.publish_to(queue, message).await
+        };
+        published.map_err(|e| match e {
+            Failure::Fatal(e) => QueueError(e),
+            Failure::Retry(e) => queue_error(what, e),
+        })
+    }
+
     pub fn options(&self) -> &AmqpOptions {
         &self.shared.options
     }
@@ -581,18 +606,13 @@ impl Queue for AmqpQueue {
             Value::String(announcement.queue.clone()),
         );
         let encoded = celery::encode(&message);
-        let publisher = self
-            .shared
-            .publisher()
-            .await
-            .map_err(|e| queue_error("connecting to dead-letter a message", e))?;
-        publisher
-            .publish(DEAD_LETTER_QUEUE, &encoded)
-            .await
-            .map_err(|e| match e {
-                Failure::Fatal(e) => QueueError(e),
-                Failure::Retry(e) => queue_error("dead-lettering a message", e),
-            })?;
+        self.publish_once(
+            DEAD_LETTER_QUEUE,
+            &encoded,
+            true,
+            "dead-lettering a message",
+        )
+        .await?;
         // Only once it is safely in the dead-letter queue does it leave its own.
         self.ack(delivery).await
     }
@@ -611,18 +631,8 @@ impl Queue for AmqpQueue {
             )
         };
         let message = celery::encode_result(&result);
-        let publisher = self
-            .shared
-            .publisher()
+        self.publish_once(reply_to, &message, false, "publishing a result")
             .await
-            .map_err(|e| queue_error("connecting to publish a result", e))?;
-        publisher
-            .publish_to(reply_to, &message)
-            .await
-            .map_err(|e| match e {
-                Failure::Fatal(e) => QueueError(e),
-                Failure::Retry(e) => queue_error("publishing a result", e),
-            })
     }
 
     async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {

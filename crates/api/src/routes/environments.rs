@@ -271,24 +271,7 @@ pub async fn deploy(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<DeployRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    let release = deployable_release(&state, &env, &body.release).await?;
-    refuse_concurrent_change(&state, &env).await?;
-    if !matches!(env.status.as_str(), "new" | "failed") {
-        return Err(ApiError::conflict(format!(
-            "the environment is {}; deploy is for a new environment (use update to change its release)",
-            env.status
-        )));
-    }
-    let op = submit(
-        &state,
-        OperationKind::EnvironmentDeploy,
-        &env.id,
-        json!({ "release": release.id }),
-        &caller.0,
-    )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    change_release(state, caller, id, body, OperationKind::EnvironmentDeploy).await
 }
 
 /// Update a deployed environment to another release, with zero downtime: the new release is
@@ -303,18 +286,41 @@ pub async fn update(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<DeployRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
+    change_release(state, caller, id, body, OperationKind::EnvironmentUpdate).await
+}
+
+/// Deploy (to a new environment) or update (a deployed one): the release must be deployable,
+/// no other deploy or update may be queued or running, and the environment in the right state.
+async fn change_release(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    body: DeployRelease,
+    kind: OperationKind,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
     let env = load(&state, &id).await?;
     let release = deployable_release(&state, &env, &body.release).await?;
     refuse_concurrent_change(&state, &env).await?;
-    if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "failed") {
+    let refusal = match kind {
+        OperationKind::EnvironmentDeploy if !matches!(env.status.as_str(), "new" | "failed") => {
+            Some("deploy is for a new environment (use update to change its release)")
+        }
+        OperationKind::EnvironmentUpdate
+            if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "failed") =>
+        {
+            Some("only a deployed environment can be updated (deploy it first)")
+        }
+        _ => None,
+    };
+    if let Some(refusal) = refusal {
         return Err(ApiError::conflict(format!(
-            "the environment is {}; only a deployed environment can be updated (deploy it first)",
+            "the environment is {}; {refusal}",
             env.status
         )));
     }
     let op = submit(
         &state,
-        OperationKind::EnvironmentUpdate,
+        kind,
         &env.id,
         json!({ "release": release.id }),
         &caller.0,

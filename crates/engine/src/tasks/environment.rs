@@ -364,6 +364,35 @@ fn manifest_from_artifact(path: &Path) -> Result<Manifest, TaskError> {
     Err(TaskError(format!("the release has no {MANIFEST_FILE}")))
 }
 
+/// The manifest of a release, read from its artifact on this machine (off the async runtime).
+async fn release_manifest(
+    t: &TaskContext<'_>,
+    release: &ReleaseRecord,
+) -> Result<Manifest, TaskError> {
+    let sha = release
+        .artifact_sha256
+        .as_deref()
+        .ok_or_else(|| TaskError(format!("release {} has no artifact", release.id)))?;
+    let path = t.ctx.artifact_path(sha);
+    tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
+        .await
+        .map_err(|e| TaskError(format!("reading the manifest: {e}")))?
+}
+
+/// The release the environment serves and its manifest.
+async fn served_release(
+    t: &TaskContext<'_>,
+    env: &EnvironmentRecord,
+) -> Result<(ReleaseRecord, Manifest), TaskError> {
+    let id = env
+        .release_id
+        .as_deref()
+        .ok_or_else(|| TaskError::new("the environment is not deployed"))?;
+    let release = load_release(t, id).await?;
+    let manifest = release_manifest(t, &release).await?;
+    Ok((release, manifest))
+}
+
 // ---------------------------------------------------------------------------------------
 // Deploy and update
 
@@ -375,12 +404,7 @@ pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
         .clone()
         .ok_or_else(|| TaskError(format!("release {} has no artifact", release.id)))?;
     let local_artifact = t.ctx.artifact_path(&sha);
-    let manifest = {
-        let path = local_artifact.clone();
-        tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
-            .await
-            .map_err(|e| TaskError(format!("reading the manifest: {e}")))??
-    };
+    let manifest = release_manifest(t, &release).await?;
     let updating = t.op.kind == hefring_core::operation::OperationKind::EnvironmentUpdate;
     let previous = if updating {
         site.env.release_id.clone()
@@ -741,16 +765,7 @@ async fn certificate_end(chain_pem: &str) -> Result<i64, TaskError> {
 /// rewriting its server blocks; the release, database and files are untouched.
 pub async fn set_enabled(t: &TaskContext<'_>, enabled: bool) -> TaskResult {
     let mut site = Site::open(t).await?;
-    let Some(release_id) = site.env.release_id.clone() else {
-        return Err(TaskError::new("the environment is not deployed"));
-    };
-    let release = load_release(t, &release_id).await?;
-    let path = t
-        .ctx
-        .artifact_path(release.artifact_sha256.as_deref().unwrap_or(""));
-    let manifest = tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
-        .await
-        .map_err(|e| TaskError(format!("reading the manifest: {e}")))??;
+    let (_, manifest) = served_release(t, &site.env).await?;
     let before = site.env.status.clone();
     site.env.status = if enabled { "active" } else { "disabled" }.into();
     site.write_server_blocks(&manifest).await?;
@@ -785,19 +800,10 @@ pub async fn set_enabled(t: &TaskContext<'_>, enabled: bool) -> TaskResult {
 /// operation's result, as it logs in whoever holds it.
 pub async fn run_login_command(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
-    let Some(release_id) = site.env.release_id.clone() else {
-        return Err(TaskError::new("the environment is not deployed"));
-    };
     if !matches!(site.env.status.as_str(), "active" | "disabled") {
         return Err(TaskError(format!("the environment is {}", site.env.status)));
     }
-    let release = load_release(t, &release_id).await?;
-    let path = t
-        .ctx
-        .artifact_path(release.artifact_sha256.as_deref().unwrap_or(""));
-    let manifest = tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
-        .await
-        .map_err(|e| TaskError(format!("reading the manifest: {e}")))??;
+    let (release, manifest) = served_release(t, &site.env).await?;
     let Some(login) = &manifest.login else {
         return Err(TaskError(format!(
             "the release's {MANIFEST_FILE} has no login command"
@@ -985,15 +991,7 @@ pub async fn check_health(t: &TaskContext<'_>) -> TaskResult {
         Ok(m) => m,
         // Verify has no manifest in its state: read the one of the release being served.
         Err(_) => match &site.env.release_id {
-            Some(release) => {
-                let release = load_release(t, release).await?;
-                let path = t
-                    .ctx
-                    .artifact_path(release.artifact_sha256.as_deref().unwrap_or(""));
-                tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
-                    .await
-                    .map_err(|e| TaskError(format!("reading the manifest: {e}")))??
-            }
+            Some(_) => served_release(t, &site.env).await?.1,
             None => {
                 t.log.info("nothing is deployed yet");
                 return Ok(TaskOutput {

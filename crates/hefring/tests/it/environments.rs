@@ -1153,6 +1153,28 @@ async fn a_disabled_site_answers_every_path_with_503_until_enabled() {
     );
     let (_, shown) = server.get(&format!("/environments/{env_id}")).await;
     assert_eq!(shown["status"], "active");
+
+    // Verify starts Hefring's nginx again when it is down, and checks the site's health.
+    let pid = std::fs::read_to_string(root.path().join("nginx/nginx.pid")).unwrap();
+    let status = Command::new("kill")
+        .args(["-QUIT", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "nginx did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let op = server
+        .start_op(&format!("/environments/{env_id}/verify"), None)
+        .await;
+    let done = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let log = server.log_text(op["id"].as_str().unwrap()).await;
+    assert!(log.contains("nginx was not running: started it"), "{log}");
+    let (status, _) = page(&client, &format!("http://off.test:{http}/")).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
