@@ -187,3 +187,19 @@ pub fn environment(e: EnvironmentRecord, target: &TargetRecord) -> wire::Environ
         updated_at: timestamp(e.updated_at),
     }
 }
+
+pub fn backup(b: hefring_store::BackupRecord) -> wire::Backup {
+    wire::Backup {
+        id: b.id,
+        environment: b.environment_id,
+        operation: b.operation_id,
+        kind: b.kind,
+        description: b.description,
+        status: b.status,
+        size: b.size,
+        sha256: b.sha256,
+        manifest: b.manifest,
+        created_at: timestamp(b.created_at),
+        updated_at: timestamp(b.updated_at),
+    }
+}

@@ -19,7 +19,8 @@ use hefring_store::Store;
 
 pub use auth::{hash_token, new_token};
 pub use error::ApiError;
-pub use submit::{job_for, queue_for};
+pub use hefring_store::queue_for;
+pub use submit::job_for;
 
 /// An operation as the API shows it (for results sent to Celery clients).
 pub fn operation_json(op: &hefring_store::OperationRecord) -> serde_json::Value {
@@ -33,6 +34,8 @@ pub struct AppState {
     pub queue: Arc<dyn Queue>,
     /// Absolute; where local targets get their default root and the SSH key lives.
     pub data_dir: PathBuf,
+    /// Where backup archives are kept (downloads read them from there).
+    pub backups: Arc<dyn hefring_objects::ObjectStore>,
 }
 
 /// The whole HTTP application.

@@ -1,8 +1,8 @@
 //! Starting work: store the operation with its planned tasks, then tell the workers.
 
-use hefring_core::operation::{OperationKind, SubjectType};
+use hefring_core::operation::OperationKind;
 use hefring_queue::Job;
-use hefring_store::{NewOperation, OperationRecord, Store, StoreError, DEFAULT_QUEUE};
+use hefring_store::{queue_for, NewOperation, OperationRecord};
 use serde_json::Value;
 
 use crate::error::ApiResult;
@@ -30,31 +30,6 @@ pub async fn submit(
     Ok(record)
 }
 
-/// The queue an operation goes to: its target's own queue when the target has one (for
-/// operations on the target or on an environment of it), else the default.
-pub async fn queue_for(
-    store: &dyn Store,
-    kind: OperationKind,
-    subject_id: &str,
-) -> Result<String, StoreError> {
-    let target_id = match kind.subject_type() {
-        SubjectType::Target => Some(subject_id.to_string()),
-        SubjectType::Environment => store
-            .get_environment(subject_id)
-            .await?
-            .map(|e| e.target_id),
-        _ => None,
-    };
-    if let Some(target_id) = target_id {
-        if let Some(target) = store.get_target(&target_id).await? {
-            if target.settings.own_queue {
-                return Ok(hefring_core::target::target_queue(&target.id));
-            }
-        }
-    }
-    Ok(DEFAULT_QUEUE.to_string())
-}
-
 /// Tells the workers; a lost announcement only delays the work (workers also poll).
 ///
 /// The request does not wait for it: the operation is already committed, and a broker that is
@@ -72,22 +47,12 @@ pub async fn announce(state: &AppState, record: &OperationRecord) {
 /// What the queue carries for an operation: its id, kind and queue, and as kwargs its inputs
 /// plus its subject id under the subject's type (`{"ref": "main", "project": ID}`).
 pub fn job_for(record: &OperationRecord) -> Job {
-    Job {
-        operation_id: record.id.clone(),
-        kind: record.kind.as_str().into(),
-        queue: record.queue.clone(),
-        kwargs: job_kwargs(record),
-    }
-}
-
-fn job_kwargs(record: &OperationRecord) -> Value {
-    let mut kwargs = match &record.inputs {
-        Value::Object(map) => map.clone(),
-        _ => Default::default(),
-    };
-    kwargs.insert(
-        record.subject_type.as_str().into(),
-        Value::String(record.subject_id.clone()),
-    );
-    Value::Object(kwargs)
+    Job::announce(
+        &record.id,
+        record.kind.as_str(),
+        &record.queue,
+        &record.inputs,
+        record.subject_type.as_str(),
+        &record.subject_id,
+    )
 }

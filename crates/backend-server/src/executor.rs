@@ -114,6 +114,15 @@ pub trait Executor: Send + Sync {
     /// Copies a local file to `remote` on the target, atomically (a partial copy never has
     /// the final name). The parent directory must exist.
     async fn upload(&self, local: &std::path::Path, remote: &str) -> Result<(), ExecError>;
+
+    /// Copies `remote` on the target to a local file, atomically (a partial copy never has
+    /// the final name).
+    async fn download(&self, remote: &str, local: &std::path::Path) -> Result<(), ExecError>;
+
+    /// Whether the target's paths are this machine's (no copy needed to read them here).
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// Runs commands on this machine.
@@ -148,6 +157,15 @@ impl Executor for LocalExecutor {
         tokio::fs::copy(local, &partial).await.map_err(io_err)?;
         tokio::fs::rename(&partial, remote).await.map_err(io_err)?;
         Ok(())
+    }
+
+    async fn download(&self, remote: &str, local: &std::path::Path) -> Result<(), ExecError> {
+        self.upload(std::path::Path::new(remote), &local.to_string_lossy())
+            .await
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 }
 

@@ -207,6 +207,41 @@ impl Executor for SshExecutor {
             ))),
         }
     }
+
+    async fn download(&self, remote: &str, local: &std::path::Path) -> Result<(), ExecError> {
+        let io_err = |source| ExecError::Io {
+            program: "ssh".into(),
+            source,
+        };
+        let partial = local.with_extension("part");
+        let file = std::fs::File::create(&partial).map_err(io_err)?;
+        let mut command = self.ssh_command().await?;
+        command.arg(format!("cat {}", shell_quote(remote)));
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(file))
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let output = command
+            .spawn()
+            .map_err(|source| ExecError::Spawn {
+                program: "ssh".into(),
+                source,
+            })?
+            .wait_with_output()
+            .await
+            .map_err(io_err)?;
+        if !output.status.success() {
+            let _ = std::fs::remove_file(&partial);
+            return Err(ExecError::Invalid(format!(
+                "copying {remote} from the target failed ({:?}): {}",
+                output.status.code(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        std::fs::rename(&partial, local).map_err(io_err)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -90,6 +90,16 @@ impl Layout {
         format!("{}/dumps", self.environment_dir(env))
     }
 
+    /// Where backups are made and restores unpacked, one directory per backup or restore
+    /// (named from its id), removed when the operation ends.
+    pub fn backups_dir(&self) -> String {
+        format!("{}/backups", self.root)
+    }
+
+    pub fn backup_work_dir(&self, name: &str) -> String {
+        format!("{}/backups/{name}", self.root)
+    }
+
     pub fn tls_dir(&self, env: &str) -> String {
         format!("{}/tls/{env}", self.root)
     }

@@ -15,6 +15,7 @@ pub enum IdKind {
     Operation,
     Token,
     Subject,
+    Backup,
 }
 
 impl IdKind {
@@ -27,6 +28,7 @@ impl IdKind {
             IdKind::Operation => "op",
             IdKind::Token => "tok",
             IdKind::Subject => "sys",
+            IdKind::Backup => "bak",
         }
     }
 

@@ -1,11 +1,13 @@
 //! Hefring's domain. Everything here is pure: no I/O, no clock, no randomness except id
 //! generation, so every rule can be tested by calling a function.
 
+pub mod backup;
 pub mod environment;
 pub mod id;
 pub mod manifest;
 pub mod operation;
 pub mod render;
+pub mod schedule;
 pub mod target;
 pub mod validate;
 

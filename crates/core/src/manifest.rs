@@ -50,6 +50,17 @@ pub enum DatabaseKind {
     None,
 }
 
+impl DatabaseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatabaseKind::Mariadb => "mariadb",
+            DatabaseKind::Postgresql => "postgresql",
+            DatabaseKind::Sqlite => "sqlite",
+            DatabaseKind::None => "none",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cron {

@@ -36,6 +36,7 @@ string_enum!(
         Project => "project",
         Release => "release",
         Environment => "environment",
+        Backup => "backup",
         System => "system",
     }
 );
@@ -55,6 +56,14 @@ string_enum!(
         EnvironmentDisable => "environment_disable",
         EnvironmentEnable => "environment_enable",
         EnvironmentLogin => "environment_login",
+        EnvironmentBackup => "environment_backup",
+        EnvironmentRestore => "environment_restore",
+        EnvironmentClone => "environment_clone",
+        EnvironmentSync => "environment_sync",
+        EnvironmentCron => "environment_cron",
+        EnvironmentPruneBackups => "environment_prune_backups",
+        BackupDelete => "backup_delete",
+        ReleaseFleetUpdate => "release_fleet_update",
         SystemNoop => "system_noop",
     }
 );
@@ -97,7 +106,17 @@ impl OperationKind {
             | OperationKind::EnvironmentRenewCertificate
             | OperationKind::EnvironmentDisable
             | OperationKind::EnvironmentEnable
-            | OperationKind::EnvironmentLogin => SubjectType::Environment,
+            | OperationKind::EnvironmentLogin
+            | OperationKind::EnvironmentBackup
+            | OperationKind::EnvironmentRestore
+            | OperationKind::EnvironmentClone
+            | OperationKind::EnvironmentSync
+            | OperationKind::EnvironmentCron
+            | OperationKind::EnvironmentPruneBackups => SubjectType::Environment,
+            OperationKind::BackupDelete => SubjectType::Backup,
+            // Serialised per release it updates from: two fleet updates of one release never
+            // run at once.
+            OperationKind::ReleaseFleetUpdate => SubjectType::Release,
             OperationKind::SystemNoop => SubjectType::System,
         }
     }
@@ -154,6 +173,49 @@ impl OperationKind {
             OperationKind::EnvironmentDisable => &["disable_site"],
             OperationKind::EnvironmentEnable => &["enable_site"],
             OperationKind::EnvironmentLogin => &["run_login_command"],
+            // A consistent dump checked against the database's catalog, then one archive with
+            // the dump, the persistent files and a manifest of their SHA-256, into the store.
+            OperationKind::EnvironmentBackup => &["dump_database", "pack_archive", "store_archive"],
+            // Nothing is overwritten before a safety backup of what is there exists.
+            OperationKind::EnvironmentRestore => &[
+                "take_safety_backup",
+                "fetch_backup",
+                "restore_database",
+                "restore_files",
+                "run_deploy_commands",
+            ],
+            // The subject is the new environment: a deploy of the source's release, with a
+            // fresh backup of the source restored into it before it is switched on.
+            OperationKind::EnvironmentClone => &[
+                "take_source_backup",
+                "prepare_target",
+                "create_database",
+                "create_files_directory",
+                "unpack_release",
+                "obtain_certificate",
+                "write_pool",
+                "write_server_block",
+                "fetch_backup",
+                "restore_database",
+                "restore_files",
+                "run_deploy_commands",
+                "switch_release",
+                "check_health",
+            ],
+            OperationKind::EnvironmentSync => &[
+                "take_source_backup",
+                "take_safety_backup",
+                "fetch_backup",
+                "restore_database",
+                "restore_files",
+                "run_deploy_commands",
+            ],
+            OperationKind::EnvironmentCron => &["run_cron_command"],
+            OperationKind::EnvironmentPruneBackups => &["prune_backups"],
+            OperationKind::BackupDelete => &["remove_archive"],
+            // A canary first, alone: its failure stops everything. Then the rest, a bounded
+            // number at a time, each a child operation of its own.
+            OperationKind::ReleaseFleetUpdate => &["update_canary", "update_rest"],
             OperationKind::SystemNoop => &["noop"],
         }
     }
@@ -165,6 +227,8 @@ impl OperationKind {
             // Back to the release that served before, with the database as it was if the
             // deploy commands had run.
             OperationKind::EnvironmentUpdate => &["switch_back"],
+            // A backup that failed leaves no staging files and is marked failed.
+            OperationKind::EnvironmentBackup => &["discard_backup"],
             _ => &[],
         }
     }

@@ -20,6 +20,8 @@ pub struct Context {
     pub ssh_key: SshKeyPair,
     /// Where HTTPS certificates come from; `None`: the installation's local CA.
     pub acme: Option<crate::acme::AcmeConfig>,
+    /// Where backup archives are kept: a directory or an S3-compatible store.
+    pub backups: Arc<dyn hefring_objects::ObjectStore>,
 }
 
 /// One task's view of its operation.

@@ -57,6 +57,8 @@ pub struct EngineConfig {
     /// How many times a message may be redelivered (workers died holding it) before it is
     /// poison: its operation fails and the message goes to the dead-letter queue.
     pub max_redeliveries: i64,
+    /// Where backups are kept; `None`: `DATA_DIR/backups`.
+    pub backups: Option<Arc<dyn hefring_objects::ObjectStore>>,
 }
 
 impl EngineConfig {
@@ -73,6 +75,7 @@ impl EngineConfig {
             describe: None,
             events: None,
             max_redeliveries: 5,
+            backups: None,
         }
     }
 }
@@ -112,6 +115,14 @@ impl Engine {
                 data_dir: config.data_dir.clone(),
                 ssh_key,
                 acme: config.acme.clone(),
+                backups: match &config.backups {
+                    Some(store) => store.clone(),
+                    None => hefring_objects::open_store(
+                        &config.data_dir.join("backups").to_string_lossy(),
+                        None,
+                    )
+                    .map_err(std::io::Error::other)?,
+                },
             },
             queue,
             config,

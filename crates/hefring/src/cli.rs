@@ -170,6 +170,12 @@ pub struct EngineArgs {
     /// The contact address of the ACME account.
     #[arg(long, env = "HEFRING_ACME_EMAIL")]
     pub acme_email: Option<String>,
+    /// Where backup archives are kept: a directory (shared by every worker, e.g. over NFS) or
+    /// an S3-compatible store, `s3://BUCKET[/PREFIX]?endpoint=URL&region=REGION`, whose
+    /// credentials come from HEFRING_S3_ACCESS_KEY_ID and HEFRING_S3_SECRET_ACCESS_KEY (or
+    /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Default: DATA_DIR/backups.
+    #[arg(long, env = "HEFRING_BACKUP_STORE")]
+    pub backup_store: Option<String>,
     /// Renew HTTPS certificates this many days before they end.
     #[arg(long, env = "HEFRING_CERTIFICATE_RENEW_DAYS", default_value_t = 30)]
     pub certificate_renew_days: u64,

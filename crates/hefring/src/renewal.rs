@@ -95,6 +95,7 @@ mod tests {
             https,
             status: status.into(),
             secrets: json!({}),
+            settings: json!({}),
             resources: match not_after {
                 Some(t) => json!({"certificate": {"not_after": t}}),
                 None => json!({}),

@@ -109,14 +109,25 @@ async fn register_local_target(
     Ok(())
 }
 
+/// The backup store `--backup-store` names (default: `DATA_DIR/backups`).
+fn backup_store(args: &EngineArgs, dir: &Path) -> Result<Arc<dyn hefring_objects::ObjectStore>> {
+    let spec = match &args.backup_store {
+        Some(spec) => spec.clone(),
+        None => dir.join("backups").to_string_lossy().into_owned(),
+    };
+    hefring_objects::open_store(&spec, None).context("--backup-store")
+}
+
 /// The engine's settings from the command line.
 fn engine_config(
     args: &EngineArgs,
     dir: &Path,
     workers: usize,
     queues: Vec<String>,
+    backups: Arc<dyn hefring_objects::ObjectStore>,
 ) -> EngineConfig {
     let mut config = EngineConfig::new(dir.to_path_buf());
+    config.backups = Some(backups);
     config.workers = workers;
     config.queues = queues;
     config.task_timeout = Duration::from_secs(args.task_timeout);
@@ -184,6 +195,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         None => Arc::new(EmbeddedQueue::new()),
     };
     register_local_target(&store, &queue, &dir).await?;
+    let backups = backup_store(&args.engine, &dir)?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let renewals = tokio::spawn(crate::renewal::run(
@@ -199,7 +211,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             Some(_) => vec![hefring_queue::amqp::DEFAULT_QUEUE.to_string()],
             None => Vec::new(),
         };
-        let config = engine_config(&args.engine, &dir, args.workers, queues);
+        let config = engine_config(&args.engine, &dir, args.workers, queues, backups.clone());
         let engine = Engine::new(store.clone(), queue.clone(), config)
             .await
             .context("cannot start the workers")?;
@@ -212,6 +224,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         store,
         queue,
         data_dir: dir.clone(),
+        backups,
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -256,6 +269,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         &dir,
         args.concurrency as usize,
         args.queues.clone(),
+        backup_store(&args.engine, &dir)?,
     );
     // Seen by Celery's tools as a Celery worker: events for Flower, answers to `celery inspect`.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

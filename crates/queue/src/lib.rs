@@ -27,6 +27,34 @@ pub struct Job {
     pub kwargs: serde_json::Value,
 }
 
+impl Job {
+    /// The announcement of an operation: its inputs plus its subject's id under the subject's
+    /// type as kwargs (`{"ref": "main", "project": ID}`).
+    pub fn announce(
+        operation_id: &str,
+        kind: &str,
+        queue: &str,
+        inputs: &serde_json::Value,
+        subject_type: &str,
+        subject_id: &str,
+    ) -> Job {
+        let mut kwargs = match inputs {
+            serde_json::Value::Object(map) => map.clone(),
+            _ => Default::default(),
+        };
+        kwargs.insert(
+            subject_type.to_string(),
+            serde_json::Value::String(subject_id.to_string()),
+        );
+        Job {
+            operation_id: operation_id.to_string(),
+            kind: kind.to_string(),
+            queue: queue.to_string(),
+            kwargs: serde_json::Value::Object(kwargs),
+        }
+    }
+}
+
 /// What a message said about the operation it names, beyond its id: enough to create the
 /// operation when a foreign client (a Python Celery `send_task`) sent it, and where to send
 /// its result.

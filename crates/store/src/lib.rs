@@ -104,6 +104,16 @@ pub struct OperationFilter {
     pub parent: Option<String>,
 }
 
+/// Which backups to list.
+#[derive(Clone, Debug, Default)]
+pub struct BackupFilter {
+    pub environment: Option<String>,
+    /// Made by this operation (a retried task finds what its first attempt recorded).
+    pub operation: Option<String>,
+    pub kind: Option<String>,
+    pub status: Option<String>,
+}
+
 /// How a task ended, and what it learned for later tasks (merged into the operation's state).
 #[derive(Clone, Debug)]
 pub struct TaskOutcome {
@@ -166,6 +176,17 @@ pub trait Store: Send + Sync + 'static {
     async fn update_environment(&self, environment: &EnvironmentRecord) -> Result<()>;
     async fn environments_running(&self, release: &str) -> Result<Vec<String>>;
     async fn environments_on_target(&self, target: &str) -> Result<Vec<String>>;
+
+    // Backups
+    async fn insert_backup(&self, backup: &BackupRecord) -> Result<()>;
+    async fn get_backup(&self, id: &str) -> Result<Option<BackupRecord>>;
+    /// Newest first; deleted backups are left out.
+    async fn list_backups(
+        &self,
+        filter: &BackupFilter,
+        page: &Page,
+    ) -> Result<Listed<BackupRecord>>;
+    async fn update_backup(&self, backup: &BackupRecord) -> Result<()>;
 
     // Operations
     /// Stores a queued operation with its planned tasks, unless an identical one is active.
@@ -244,4 +265,30 @@ pub struct Claim<'a> {
     pub lease_until: i64,
     pub queues: &'a [String],
     pub only: Option<&'a str>,
+}
+
+/// The queue an operation goes to: its target's own queue when the target has one (for
+/// operations on the target or on an environment of it), else the default.
+pub async fn queue_for(
+    store: &dyn Store,
+    kind: hefring_core::operation::OperationKind,
+    subject_id: &str,
+) -> Result<String> {
+    use hefring_core::operation::SubjectType;
+    let target_id = match kind.subject_type() {
+        SubjectType::Target => Some(subject_id.to_string()),
+        SubjectType::Environment => store
+            .get_environment(subject_id)
+            .await?
+            .map(|e| e.target_id),
+        _ => None,
+    };
+    if let Some(target_id) = target_id {
+        if let Some(target) = store.get_target(&target_id).await? {
+            if target.settings.own_queue {
+                return Ok(hefring_core::target::target_queue(&target.id));
+            }
+        }
+    }
+    Ok(DEFAULT_QUEUE.to_string())
 }

@@ -176,6 +176,24 @@ fn environment_from_row(row: &PgRow) -> Result<EnvironmentRecord> {
         status: row.try_get("status")?,
         secrets: json_col(row, "secrets")?,
         resources: json_col(row, "resources")?,
+        settings: json_col(row, "settings")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn backup_from_row(row: &PgRow) -> Result<BackupRecord> {
+    Ok(BackupRecord {
+        id: row.try_get("id")?,
+        environment_id: row.try_get("environment_id")?,
+        operation_id: row.try_get("operation_id")?,
+        kind: row.try_get("kind")?,
+        description: row.try_get("description")?,
+        status: row.try_get("status")?,
+        object_key: row.try_get("object_key")?,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+        manifest: opt_json_col(row, "manifest")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -920,8 +938,8 @@ impl Store for PostgresStore {
     async fn insert_environment(&self, e: &EnvironmentRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO environments (id, name, project_id, target_id, release_id, domain, aliases,
-                https, status, secrets, resources, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                https, status, secrets, resources, settings, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(&e.id)
         .bind(&e.name)
@@ -934,6 +952,7 @@ impl Store for PostgresStore {
         .bind(&e.status)
         .bind(e.secrets.to_string())
         .bind(e.resources.to_string())
+        .bind(e.settings.to_string())
         .bind(e.created_at)
         .bind(e.updated_at)
         .execute(&self.pool)
@@ -990,7 +1009,7 @@ impl Store for PostgresStore {
     async fn update_environment(&self, e: &EnvironmentRecord) -> Result<()> {
         let done = sqlx::query(
             "UPDATE environments SET release_id = $1, domain = $2, aliases = $3, https = $4,
-                status = $5, secrets = $6, resources = $7, updated_at = $8 WHERE id = $9",
+                status = $5, secrets = $6, resources = $7, settings = $8, updated_at = $9 WHERE id = $10",
         )
         .bind(&e.release_id)
         .bind(&e.domain)
@@ -999,8 +1018,87 @@ impl Store for PostgresStore {
         .bind(&e.status)
         .bind(e.secrets.to_string())
         .bind(e.resources.to_string())
+        .bind(e.settings.to_string())
         .bind(e.updated_at)
         .bind(&e.id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn insert_backup(&self, b: &BackupRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO backups (id, environment_id, operation_id, kind, description, status,
+                object_key, size, sha256, manifest, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&b.id)
+        .bind(&b.environment_id)
+        .bind(&b.operation_id)
+        .bind(&b.kind)
+        .bind(&b.description)
+        .bind(&b.status)
+        .bind(&b.object_key)
+        .bind(b.size)
+        .bind(&b.sha256)
+        .bind(b.manifest.as_ref().map(|m| m.to_string()))
+        .bind(b.created_at)
+        .bind(b.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_backup(&self, id: &str) -> Result<Option<BackupRecord>> {
+        sqlx::query("SELECT * FROM backups WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(backup_from_row)
+            .transpose()
+    }
+
+    async fn list_backups(
+        &self,
+        filter: &BackupFilter,
+        page: &Page,
+    ) -> Result<Listed<BackupRecord>> {
+        let mut qb = QueryBuilder::new("SELECT * FROM backups WHERE status != 'deleted'");
+        for (column, value) in [
+            (" AND environment_id = ", &filter.environment),
+            (" AND operation_id = ", &filter.operation),
+            (" AND kind = ", &filter.kind),
+            (" AND status = ", &filter.status),
+        ] {
+            if let Some(value) = value {
+                qb.push(column).push_bind(value.as_str());
+            }
+        }
+        push_page(&mut qb, page, true);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        let items = rows
+            .iter()
+            .map(backup_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(paged(items, page, |b| &b.id))
+    }
+
+    async fn update_backup(&self, b: &BackupRecord) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE backups SET description = $1, status = $2, size = $3, sha256 = $4,
+                manifest = $5, updated_at = $6 WHERE id = $7",
+        )
+        .bind(&b.description)
+        .bind(&b.status)
+        .bind(b.size)
+        .bind(&b.sha256)
+        .bind(b.manifest.as_ref().map(|m| m.to_string()))
+        .bind(b.updated_at)
+        .bind(&b.id)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {

@@ -40,6 +40,33 @@ pub struct EnvironmentRecord {
     pub status: String,
     pub secrets: Value,
     pub resources: Value,
+    /// What a user may change besides the domains: the cron schedule override and the backup
+    /// schedule with its retention.
+    pub settings: Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// One archive of an environment's database and persistent files, in the backup store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackupRecord {
+    pub id: String,
+    pub environment_id: String,
+    /// The operation that made (or is making) it.
+    pub operation_id: String,
+    /// `manual`, `scheduled` (pruned by the environment's retention) or `safety` (taken by a
+    /// restore before it overwrote anything).
+    pub kind: String,
+    pub description: String,
+    /// `creating`, `ready`, `failed` or `deleted`.
+    pub status: String,
+    /// Where the archive lives in the backup store.
+    pub object_key: String,
+    pub size: Option<i64>,
+    pub sha256: Option<String>,
+    /// The archive's manifest: environment, release, commit, parts with sizes and SHA-256,
+    /// tool versions.
+    pub manifest: Option<Value>,
     pub created_at: i64,
     pub updated_at: i64,
 }

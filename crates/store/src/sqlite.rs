@@ -242,6 +242,24 @@ fn environment_from_row(row: &Row) -> Result<EnvironmentRecord> {
         status: row.get("status")?,
         secrets: json_col(row, "secrets")?,
         resources: json_col(row, "resources")?,
+        settings: json_col(row, "settings")?,
+        created_at: row.get("created_at")?,
+        updated_at: row.get("updated_at")?,
+    })
+}
+
+fn backup_from_row(row: &Row) -> Result<BackupRecord> {
+    Ok(BackupRecord {
+        id: row.get("id")?,
+        environment_id: row.get("environment_id")?,
+        operation_id: row.get("operation_id")?,
+        kind: row.get("kind")?,
+        description: row.get("description")?,
+        status: row.get("status")?,
+        object_key: row.get("object_key")?,
+        size: row.get("size")?,
+        sha256: row.get("sha256")?,
+        manifest: opt_json_col(row, "manifest")?,
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
     })
@@ -761,8 +779,8 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(
                 "INSERT INTO environments (id, name, project_id, target_id, release_id, domain, aliases,
-                    https, status, secrets, resources, created_at, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    https, status, secrets, resources, settings, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )?
             .execute(params![
                 e.id,
@@ -776,6 +794,7 @@ impl Store for SqliteStore {
                 e.status,
                 e.secrets.to_string(),
                 e.resources.to_string(),
+                e.settings.to_string(),
                 e.created_at,
                 e.updated_at
             ])
@@ -842,7 +861,7 @@ impl Store for SqliteStore {
             let done = conn
                 .prepare_cached(
                     "UPDATE environments SET release_id = ?, domain = ?, aliases = ?, https = ?,
-                        status = ?, secrets = ?, resources = ?, updated_at = ? WHERE id = ?",
+                        status = ?, secrets = ?, resources = ?, settings = ?, updated_at = ? WHERE id = ?",
                 )?
                 .execute(params![
                     e.release_id,
@@ -852,6 +871,7 @@ impl Store for SqliteStore {
                     e.status,
                     e.secrets.to_string(),
                     e.resources.to_string(),
+                    e.settings.to_string(),
                     e.updated_at,
                     e.id
                 ])?;
@@ -898,6 +918,97 @@ impl Store for SqliteStore {
                 [target],
                 |r| Ok(r.get(0)?),
             )
+        })
+        .await
+    }
+
+    async fn insert_backup(&self, b: &BackupRecord) -> Result<()> {
+        let b = b.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO backups (id, environment_id, operation_id, kind, description, status,
+                    object_key, size, sha256, manifest, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )?
+            .execute(params![
+                b.id,
+                b.environment_id,
+                b.operation_id,
+                b.kind,
+                b.description,
+                b.status,
+                b.object_key,
+                b.size,
+                b.sha256,
+                b.manifest.as_ref().map(|m| m.to_string()),
+                b.created_at,
+                b.updated_at
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_backup(&self, id: &str) -> Result<Option<BackupRecord>> {
+        let id = id.to_string();
+        self.read(move |conn| {
+            query_one(
+                conn,
+                "SELECT * FROM backups WHERE id = ?",
+                [id],
+                backup_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn list_backups(
+        &self,
+        filter: &BackupFilter,
+        page: &Page,
+    ) -> Result<Listed<BackupRecord>> {
+        let filter = filter.clone();
+        let page = page.clone();
+        self.read(move |conn| {
+            let mut sql = String::from("SELECT * FROM backups WHERE status != 'deleted'");
+            let mut args = Vec::new();
+            for (column, value) in [
+                ("environment_id", &filter.environment),
+                ("operation_id", &filter.operation),
+                ("kind", &filter.kind),
+                ("status", &filter.status),
+            ] {
+                if let Some(value) = value {
+                    sql.push_str(&format!(" AND {column} = ?"));
+                    args.push(Sql::Text(value.clone()));
+                }
+            }
+            list_page(conn, &sql, args, true, &page, backup_from_row, |b| &b.id)
+        })
+        .await
+    }
+
+    async fn update_backup(&self, b: &BackupRecord) -> Result<()> {
+        let b = b.clone();
+        self.write(move |conn| {
+            let done = conn
+                .prepare_cached(
+                    "UPDATE backups SET description = ?, status = ?, size = ?, sha256 = ?,
+                        manifest = ?, updated_at = ? WHERE id = ?",
+                )?
+                .execute(params![
+                    b.description,
+                    b.status,
+                    b.size,
+                    b.sha256,
+                    b.manifest.as_ref().map(|m| m.to_string()),
+                    b.updated_at,
+                    b.id
+                ])?;
+            if done == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
         })
         .await
     }

@@ -391,6 +391,7 @@ pub async fn environments_unique_among_live(store: &dyn Store) {
         status: "new".into(),
         secrets: json!({"db_password": "p"}),
         resources: json!({}),
+        settings: json!({"cron": {"schedule": "*/5 * * * *"}}),
         created_at: 1,
         updated_at: 1,
     };
@@ -448,6 +449,74 @@ pub async fn environments_unique_among_live(store: &dyn Store) {
         .unwrap();
     let ids: Vec<_> = all.items.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, ["env_5", "env_4", "env_1"]);
+
+    // Backups belong to an environment, list newest first, filter by kind, and leave the
+    // list once deleted.
+    let backup = |id: &str, env: &str, kind: &str| BackupRecord {
+        id: id.into(),
+        environment_id: env.into(),
+        operation_id: format!("op_{id}"),
+        kind: kind.into(),
+        description: "before the upgrade".into(),
+        status: "creating".into(),
+        object_key: format!("backups/{env}/{id}.tar.zst"),
+        size: None,
+        sha256: None,
+        manifest: None,
+        created_at: 3,
+        updated_at: 3,
+    };
+    for (id, env, kind) in [
+        ("bak_1", "env_4", "manual"),
+        ("bak_2", "env_4", "scheduled"),
+        ("bak_3", "env_5", "manual"),
+        ("bak_4", "env_4", "scheduled"),
+    ] {
+        store.insert_backup(&backup(id, env, kind)).await.unwrap();
+    }
+    let mut ready = store.get_backup("bak_2").await.unwrap().unwrap();
+    assert_eq!(ready, backup("bak_2", "env_4", "scheduled"));
+    ready.status = "ready".into();
+    ready.size = Some(1234);
+    ready.sha256 = Some("ab".repeat(32));
+    ready.manifest = Some(json!({"parts": [{"name": "database.sql"}]}));
+    ready.updated_at = 4;
+    store.update_backup(&ready).await.unwrap();
+    assert_eq!(store.get_backup("bak_2").await.unwrap().unwrap(), ready);
+    let listed = |filter: BackupFilter| async move {
+        let page = Page {
+            limit: 10,
+            cursor: None,
+        };
+        let items = store.list_backups(&filter, &page).await.unwrap().items;
+        items.into_iter().map(|b| b.id).collect::<Vec<_>>()
+    };
+    let of_env_4 = BackupFilter {
+        environment: Some("env_4".into()),
+        ..Default::default()
+    };
+    assert_eq!(listed(of_env_4.clone()).await, ["bak_4", "bak_2", "bak_1"]);
+    let scheduled = BackupFilter {
+        kind: Some("scheduled".into()),
+        ..of_env_4.clone()
+    };
+    assert_eq!(listed(scheduled).await, ["bak_4", "bak_2"]);
+    let by_operation = BackupFilter {
+        operation: Some("op_bak_3".into()),
+        ..Default::default()
+    };
+    assert_eq!(listed(by_operation).await, ["bak_3"]);
+    let mut gone = store.get_backup("bak_4").await.unwrap().unwrap();
+    gone.status = "deleted".into();
+    store.update_backup(&gone).await.unwrap();
+    assert_eq!(listed(of_env_4).await, ["bak_2", "bak_1"]);
+    assert!(store.get_backup("bak_404").await.unwrap().is_none());
+    let mut missing = backup("bak_404", "env_4", "manual");
+    missing.status = "ready".into();
+    assert!(matches!(
+        store.update_backup(&missing).await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 #[cfg(test)]

@@ -327,3 +327,77 @@ pub struct LoginLink {
     /// The operation that made it (for the audit trail).
     pub operation: String,
 }
+
+/// An archive of an environment's database and persistent files, in the backup store.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Backup {
+    pub id: String,
+    pub environment: String,
+    /// The operation that made it.
+    pub operation: String,
+    /// `manual`, `scheduled` (pruned by the environment's retention), `safety` (taken by a
+    /// restore or sync before it overwrote anything) or `copy` (the source of a clone or sync).
+    pub kind: String,
+    pub description: String,
+    /// `creating`, `ready` or `failed`.
+    pub status: String,
+    /// The archive's size in bytes, once ready.
+    pub size: Option<i64>,
+    /// The archive's SHA-256, once ready.
+    pub sha256: Option<String>,
+    /// Environment, release, commit, the parts with their sizes and SHA-256, tool versions.
+    #[schema(value_type = Object)]
+    pub manifest: Option<serde_json::Value>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// The body of a backup request (it may be empty).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBackup {
+    /// Why it was taken (at most 200 characters).
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// Restore a backup into this environment (the backup may be another environment's, of the
+/// same project).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBackup {
+    /// The backup's id.
+    pub backup: String,
+}
+
+/// Clone an environment: a new environment running the same release, with a fresh backup of
+/// this one restored into it.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneEnvironment {
+    pub name: String,
+    pub domain: String,
+    /// The target's id (default: the source's target).
+    pub target: Option<String>,
+    #[serde(default)]
+    pub aliases: Vec<Alias>,
+    /// `off`, `on` or `required` (default: the source's).
+    pub https: Option<String>,
+}
+
+/// Copy the database and/or files of another environment of the same project into this one,
+/// then run its deploy commands.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SyncEnvironment {
+    /// The source environment's id.
+    pub from: String,
+    #[serde(default = "yes")]
+    pub database: bool,
+    #[serde(default = "yes")]
+    pub files: bool,
+}
+
+fn yes() -> bool {
+    true
+}

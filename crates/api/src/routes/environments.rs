@@ -40,7 +40,7 @@ pub struct EnvironmentQuery {
     pub cursor: Option<String>,
 }
 
-async fn load(state: &AppState, id: &str) -> ApiResult<EnvironmentRecord> {
+pub(super) async fn load(state: &AppState, id: &str) -> ApiResult<EnvironmentRecord> {
     if !is_environment_id(id) {
         return Err(ApiError::NotFound);
     }
@@ -61,7 +61,10 @@ async fn to_wire(state: &AppState, env: EnvironmentRecord) -> ApiResult<Environm
 }
 
 /// Every host name the environments that are not deleted answer to, but `except`'s.
-async fn names_in_use(store: &dyn Store, except: Option<&str>) -> ApiResult<Vec<(String, String)>> {
+pub(super) async fn names_in_use(
+    store: &dyn Store,
+    except: Option<&str>,
+) -> ApiResult<Vec<(String, String)>> {
     let mut used = Vec::new();
     let mut cursor = None;
     loop {
@@ -90,6 +93,46 @@ pub async fn create(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<CreateEnvironment>,
 ) -> ApiResult<(StatusCode, Json<Environment>)> {
+    let project = match IdKind::Project.matches(&body.project) {
+        true => state.store.get_project(&body.project).await?,
+        false => None,
+    }
+    .ok_or_else(|| ApiError::invalid("project", "no project has this id"))?;
+    let (record, target) = new_environment(
+        &state,
+        NewEnvironment {
+            name: body.name,
+            project: project.id,
+            target: body.target,
+            domain: body.domain,
+            aliases: body.aliases,
+            https: body.https,
+        },
+    )
+    .await?;
+    state.store.insert_environment(&record).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(convert::environment(record, &target)),
+    ))
+}
+
+/// What a new environment is asked to be (by create or clone).
+pub(super) struct NewEnvironment {
+    pub name: String,
+    pub project: String,
+    pub target: String,
+    pub domain: String,
+    pub aliases: Vec<hefring_wire::Alias>,
+    pub https: Option<String>,
+}
+
+/// Checks a new environment's fields (each error names its field) and makes its record, not
+/// yet stored.
+pub(super) async fn new_environment(
+    state: &AppState,
+    body: NewEnvironment,
+) -> ApiResult<(EnvironmentRecord, hefring_store::TargetRecord)> {
     validate::name("name", &body.name)?;
     let aliases: Vec<Alias> = body
         .aliases
@@ -105,11 +148,6 @@ pub async fn create(
         Some(text) => Https::parse(text)
             .ok_or_else(|| ApiError::invalid("https", "must be one of off, on, required"))?,
     };
-    let project = match IdKind::Project.matches(&body.project) {
-        true => state.store.get_project(&body.project).await?,
-        false => None,
-    }
-    .ok_or_else(|| ApiError::invalid("project", "no project has this id"))?;
     let target = match IdKind::Target.matches(&body.target) {
         true => state.store.get_target(&body.target).await?,
         false => None,
@@ -138,7 +176,7 @@ pub async fn create(
     let record = EnvironmentRecord {
         id: new_id(IdKind::Environment, now),
         name: body.name,
-        project_id: project.id,
+        project_id: body.project,
         target_id: target.id.clone(),
         release_id: None,
         domain: body.domain,
@@ -147,14 +185,11 @@ pub async fn create(
         status: "new".into(),
         secrets: json!({}),
         resources: json!({}),
+        settings: json!({}),
         created_at: now,
         updated_at: now,
     };
-    state.store.insert_environment(&record).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(convert::environment(record, &target)),
-    ))
+    Ok((record, target))
 }
 
 /// List environments, newest first (deleted ones are left out).
@@ -230,7 +265,10 @@ async fn deployable_release(
 }
 
 /// Refuses a deploy or update while another one of the environment is queued or running.
-async fn refuse_concurrent_change(state: &AppState, env: &EnvironmentRecord) -> ApiResult<()> {
+pub(super) async fn refuse_concurrent_change(
+    state: &AppState,
+    env: &EnvironmentRecord,
+) -> ApiResult<()> {
     for status in [OperationStatus::Queued, OperationStatus::Running] {
         let active = state
             .store

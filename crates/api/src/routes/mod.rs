@@ -1,5 +1,6 @@
 //! Routes, grouped by entity. Each handler carries its OpenAPI description.
 
+mod backups;
 mod environments;
 mod operations;
 mod projects;
@@ -61,6 +62,13 @@ fn protected() -> OpenApiRouter<AppState> {
         .routes(routes!(environments::disable))
         .routes(routes!(environments::enable))
         .routes(routes!(environments::login_link))
+        .routes(routes!(backups::backup))
+        .routes(routes!(backups::restore))
+        .routes(routes!(backups::clone))
+        .routes(routes!(backups::sync))
+        .routes(routes!(backups::list))
+        .routes(routes!(backups::show, backups::delete))
+        .routes(routes!(backups::download))
         .routes(routes!(operations::list))
         .routes(routes!(operations::show))
         .routes(routes!(operations::log))

@@ -42,7 +42,10 @@ async fn load_target(
         .ok_or_else(|| TaskError(format!("target {} no longer exists", env.target_id)))
 }
 
-async fn load_release(t: &TaskContext<'_>, id: &str) -> Result<ReleaseRecord, TaskError> {
+pub(super) async fn load_release(
+    t: &TaskContext<'_>,
+    id: &str,
+) -> Result<ReleaseRecord, TaskError> {
     t.ctx
         .store
         .get_release(id)
@@ -57,37 +60,62 @@ fn input_release(t: &TaskContext<'_>) -> Result<String, TaskError> {
         .ok_or_else(|| TaskError::new("the operation names no release"))
 }
 
-fn manifest(t: &TaskContext<'_>) -> Result<Manifest, TaskError> {
+pub(super) fn manifest(t: &TaskContext<'_>) -> Result<Manifest, TaskError> {
     serde_json::from_value(t.state["manifest"].clone()).map_err(|_| {
         TaskError::new("the operation has no manifest recorded (prepare_target did not run)")
     })
 }
 
-async fn save_env(t: &TaskContext<'_>, env: &mut EnvironmentRecord) -> Result<(), TaskError> {
+pub(super) async fn save_env(
+    t: &TaskContext<'_>,
+    env: &mut EnvironmentRecord,
+) -> Result<(), TaskError> {
     env.updated_at = now_ms();
     t.ctx.store.update_environment(env).await?;
     Ok(())
 }
 
 /// Everything a task needs: the environment, its target reached through the executor.
-struct Site<'a> {
-    env: EnvironmentRecord,
-    server: Server<'a>,
+pub(super) struct Site<'a> {
+    pub(super) env: EnvironmentRecord,
+    pub(super) server: Server<'a>,
 }
 
 impl<'a> Site<'a> {
-    async fn open(t: &'a TaskContext<'_>) -> Result<Site<'a>, TaskError> {
+    /// The operation's subject.
+    pub(super) async fn open(t: &'a TaskContext<'_>) -> Result<Site<'a>, TaskError> {
         let env = load_env(t).await?;
+        Site::on_target(t, env).await
+    }
+
+    /// Another environment than the operation's subject (the source of a clone or sync).
+    pub(super) async fn open_other(
+        t: &'a TaskContext<'_>,
+        id: &str,
+    ) -> Result<Site<'a>, TaskError> {
+        let env = t
+            .ctx
+            .store
+            .get_environment(id)
+            .await?
+            .ok_or_else(|| TaskError(format!("environment {id} no longer exists")))?;
+        Site::on_target(t, env).await
+    }
+
+    async fn on_target(
+        t: &'a TaskContext<'_>,
+        env: EnvironmentRecord,
+    ) -> Result<Site<'a>, TaskError> {
         let target = load_target(t, &env).await?;
         let server = Server::open(t, target).await?;
         Ok(Site { env, server })
     }
 
-    fn layout(&self) -> &Layout {
+    pub(super) fn layout(&self) -> &Layout {
         &self.server.layout
     }
 
-    fn id(&self) -> &str {
+    pub(super) fn id(&self) -> &str {
         &self.env.id
     }
 
@@ -102,7 +130,7 @@ impl<'a> Site<'a> {
     }
 
     /// The database the environment's manifest asks for, as its code reaches it.
-    fn database(&self, manifest: &Manifest) -> Option<DatabaseAccess> {
+    pub(super) fn database(&self, manifest: &Manifest) -> Option<DatabaseAccess> {
         let settings = &self.server.target.settings;
         let name = environment::database_name(self.id());
         let password = self.env.secrets["db_password"].as_str().unwrap_or_default();
@@ -135,7 +163,11 @@ impl<'a> Site<'a> {
     }
 
     /// The variables of the environment's commands, for a release.
-    fn variables(&self, manifest: &Manifest, release: &ReleaseRecord) -> Vec<(String, String)> {
+    pub(super) fn variables(
+        &self,
+        manifest: &Manifest,
+        release: &ReleaseRecord,
+    ) -> Vec<(String, String)> {
         let url = self.url();
         let files = self.layout().files_dir(self.id());
         let database = self.database(manifest);
@@ -380,7 +412,7 @@ async fn release_manifest(
 }
 
 /// The release the environment serves and its manifest.
-async fn served_release(
+pub(super) async fn served_release(
     t: &TaskContext<'_>,
     env: &EnvironmentRecord,
 ) -> Result<(ReleaseRecord, Manifest), TaskError> {
@@ -466,7 +498,7 @@ pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
     Ok(TaskOutput::with_state(patch))
 }
 
-fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
+pub(super) fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
     let admin = &site.server.target.settings.mariadb;
     let mut argv = vec![tool(&site.server.target, "mariadb")];
     match (&admin.socket, &admin.host) {
@@ -486,7 +518,7 @@ fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
     spec
 }
 
-fn psql_admin(site: &Site<'_>) -> CommandSpec {
+pub(super) fn psql_admin(site: &Site<'_>) -> CommandSpec {
     let admin = &site.server.target.settings.postgresql;
     let mut spec = CommandSpec::new([
         tool(&site.server.target, "psql"),
@@ -505,7 +537,7 @@ fn psql_admin(site: &Site<'_>) -> CommandSpec {
     spec
 }
 
-async fn run_sql(
+pub(super) async fn run_sql(
     site: &Site<'_>,
     spec: CommandSpec,
     sql: String,
@@ -950,7 +982,12 @@ async fn run_commands(t: &TaskContext<'_>, which: &str, commands: &[Command]) ->
             ..Default::default()
         });
     }
-    let release = load_release(t, &input_release(t)?).await?;
+    // A deploy or update names its release; a restore or sync runs the served one's commands.
+    let release = match t.state["release_id"].as_str() {
+        Some(id) => id.to_string(),
+        None => input_release(t)?,
+    };
+    let release = load_release(t, &release).await?;
     let dir = site.layout().release_dir(site.id(), &release.id);
     let vars = site.variables(&manifest, &release);
     for command in commands {

@@ -1,6 +1,7 @@
 //! Task handlers: one function per (operation kind, task name). Each must be safe to run
 //! again after a crash part-way through it.
 
+mod backup;
 mod environment;
 mod git;
 mod project;
@@ -25,37 +26,71 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::ReleaseBuild, "run_build_commands") => release::run_build_commands(t).await,
         (K::ReleaseBuild, "pack_artifact") => release::pack_artifact(t).await,
         (K::ReleaseBuild, "discard_build") => release::discard_build(t).await,
-        (K::EnvironmentDeploy | K::EnvironmentUpdate, "prepare_target") => {
+        (K::EnvironmentDeploy | K::EnvironmentUpdate | K::EnvironmentClone, "prepare_target") => {
             environment::prepare_target(t).await
         }
-        (K::EnvironmentDeploy, "create_database") => environment::create_database(t).await,
-        (K::EnvironmentDeploy, "create_files_directory") => {
+        (K::EnvironmentDeploy | K::EnvironmentClone, "create_database") => {
+            environment::create_database(t).await
+        }
+        (K::EnvironmentDeploy | K::EnvironmentClone, "create_files_directory") => {
             environment::create_files_directory(t).await
         }
-        (K::EnvironmentDeploy | K::EnvironmentUpdate, "unpack_release") => {
+        (K::EnvironmentDeploy | K::EnvironmentUpdate | K::EnvironmentClone, "unpack_release") => {
             environment::unpack_release(t).await
         }
-        (K::EnvironmentDeploy | K::EnvironmentRenewCertificate, "obtain_certificate") => {
-            environment::obtain_certificate(t).await
-        }
+        (
+            K::EnvironmentDeploy | K::EnvironmentRenewCertificate | K::EnvironmentClone,
+            "obtain_certificate",
+        ) => environment::obtain_certificate(t).await,
         (K::EnvironmentRenewCertificate, "reload_nginx") => environment::reload_nginx(t).await,
         (K::EnvironmentDisable, "disable_site") => environment::set_enabled(t, false).await,
         (K::EnvironmentEnable, "enable_site") => environment::set_enabled(t, true).await,
         (K::EnvironmentLogin, "run_login_command") => environment::run_login_command(t).await,
-        (K::EnvironmentDeploy, "write_pool") => environment::write_pool(t).await,
-        (K::EnvironmentDeploy, "write_server_block") => environment::write_server_block(t).await,
+        (K::EnvironmentDeploy | K::EnvironmentClone, "write_pool") => {
+            environment::write_pool(t).await
+        }
+        (K::EnvironmentDeploy | K::EnvironmentClone, "write_server_block") => {
+            environment::write_server_block(t).await
+        }
         (K::EnvironmentDeploy, "run_install_commands") => {
             environment::run_install_commands(t).await
         }
-        (K::EnvironmentDeploy | K::EnvironmentUpdate, "switch_release") => {
+        (K::EnvironmentDeploy | K::EnvironmentUpdate | K::EnvironmentClone, "switch_release") => {
             environment::switch_release(t).await
         }
-        (K::EnvironmentDeploy | K::EnvironmentUpdate | K::EnvironmentVerify, "check_health") => {
-            environment::check_health(t).await
-        }
+        (
+            K::EnvironmentDeploy
+            | K::EnvironmentUpdate
+            | K::EnvironmentVerify
+            | K::EnvironmentClone,
+            "check_health",
+        ) => environment::check_health(t).await,
         (K::EnvironmentUpdate, "check_preview") => environment::check_preview(t).await,
         (K::EnvironmentUpdate, "dump_database") => environment::dump_database(t).await,
-        (K::EnvironmentUpdate, "run_deploy_commands") => environment::run_deploy_commands(t).await,
+        (
+            K::EnvironmentUpdate | K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync,
+            "run_deploy_commands",
+        ) => environment::run_deploy_commands(t).await,
+        (K::EnvironmentBackup, "dump_database") => backup::dump_database(t).await,
+        (K::EnvironmentBackup, "pack_archive") => backup::pack_archive(t).await,
+        (K::EnvironmentBackup, "store_archive") => backup::store_archive(t).await,
+        (K::EnvironmentBackup, "discard_backup") => backup::discard_backup(t).await,
+        (K::BackupDelete, "remove_archive") => backup::remove_archive(t).await,
+        (K::EnvironmentRestore | K::EnvironmentSync, "take_safety_backup") => {
+            backup::take_safety_backup(t).await
+        }
+        (K::EnvironmentClone | K::EnvironmentSync, "take_source_backup") => {
+            backup::take_source_backup(t).await
+        }
+        (K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync, "fetch_backup") => {
+            backup::fetch_backup(t).await
+        }
+        (K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync, "restore_database") => {
+            backup::restore_database(t).await
+        }
+        (K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync, "restore_files") => {
+            backup::restore_files(t).await
+        }
         (K::EnvironmentUpdate, "prune_releases") => environment::prune_releases(t).await,
         (K::EnvironmentUpdate, "switch_back") => environment::switch_back(t).await,
         (K::EnvironmentVerify, "check_servers") => environment::check_servers(t).await,
@@ -79,6 +114,17 @@ pub async fn after_failure(t: &TaskContext<'_>, error: &str) {
         | OperationKind::EnvironmentDelete
         | OperationKind::EnvironmentVerify
         | OperationKind::EnvironmentRenewCertificate => environment::mark_failed(t).await,
+        // The clone's new environment did not come to serve; the unpacked archive goes.
+        OperationKind::EnvironmentClone => {
+            let cleaned = backup::clean_up_restore(t).await;
+            environment::mark_failed(t).await.and(cleaned)
+        }
+        // The environment serves what it served (a restore or sync that failed before it
+        // replaced anything changed nothing; one that failed after says so in its log, and
+        // its safety backup holds what was there).
+        OperationKind::EnvironmentRestore | OperationKind::EnvironmentSync => {
+            backup::clean_up_restore(t).await
+        }
         // A disable or enable that failed changed nothing the site serves.
         OperationKind::EnvironmentDisable
         | OperationKind::EnvironmentEnable

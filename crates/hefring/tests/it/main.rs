@@ -2,6 +2,7 @@
 //! real `hefring serve` over HTTP and the real CLI, with SQLite, git and sshd.
 
 mod api;
+mod backups;
 mod cli;
 mod distributed;
 mod durability;

@@ -1,0 +1,1011 @@
+//! Backups of environments on server targets, and what is made of them: restore (into the
+//! same or another environment), clone and sync.
+//!
+//! A backup is made on the target, in `ROOT/backups/BACKUP_ID/`: a consistent dump checked
+//! against the database's catalog, the SHA-256 of every persistent file (read as the web user,
+//! as the site reads them: a file the site cannot read fails the backup, and root's powers are
+//! never lent to a tree the site writes), a manifest, then one `tar.zst` stored in the backup
+//! store. A restore unpacks an archive in `ROOT/backups/restore-OP/`, checks every SHA-256 the
+//! manifest lists, and only then replaces the database and the files.
+//!
+//! Every record is written before what it describes is made, and found again by the
+//! operation's id, so a retried task picks up what its first attempt began.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use hefring_backend_server::CommandSpec;
+use hefring_core::backup::{self, BackupManifest, DatabasePart, DumpFacts, FilesPart};
+use hefring_core::environment::format_ms;
+use hefring_core::manifest::{DatabaseKind, Manifest};
+use hefring_core::{new_id, IdKind};
+use hefring_store::{BackupFilter, BackupRecord, Page};
+use serde_json::json;
+
+use super::environment::{manifest, mariadb_admin, psql_admin, run_sql, served_release, Site};
+use super::server::tool;
+use crate::run::{require_success, run_captured, TaskContext, TaskError, TaskOutput, TaskResult};
+use crate::time::now_ms;
+
+/// The zstd level of archives (zstd's default: fast, and most of a site compresses well).
+pub const ZSTD_LEVEL: u32 = 3;
+
+/// Prints the SHA-256 of its arguments as `HEX  NAME` lines, with openssl when it is there (it
+/// uses the CPU's SHA instructions; coreutils' sha256sum does not).
+/// Defined as `$d` too, for the shells `xargs` starts (it has no single quote, so it can be).
+/// A file that cannot be read fails it (its output is held, not piped, so that openssl's
+/// status is not lost behind sed's).
+const DIGEST: &str = r#"d='digest() { if command -v openssl >/dev/null 2>&1; then o=$(openssl dgst -sha256 -r "$@") || return 1; printf "%s\n" "$o" | sed "s/ \*/  /"; else sha256sum -- "$@"; fi; }'; eval "$d""#;
+
+/// What a backup takes.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Parts {
+    pub database: bool,
+    pub files: bool,
+}
+
+const EVERYTHING: Parts = Parts {
+    database: true,
+    files: true,
+};
+
+/// The backup this operation makes of `environment` (its `role`: manual, scheduled, safety or
+/// copy), recorded before anything is made. A retried task finds the record its first attempt
+/// wrote.
+async fn backup_record(
+    t: &TaskContext<'_>,
+    environment: &str,
+    kind: &str,
+    description: &str,
+) -> Result<BackupRecord, TaskError> {
+    let existing = t
+        .ctx
+        .store
+        .list_backups(
+            &BackupFilter {
+                environment: Some(environment.to_string()),
+                operation: Some(t.op.id.clone()),
+                kind: Some(kind.to_string()),
+                status: None,
+            },
+            &Page {
+                limit: 1,
+                cursor: None,
+            },
+        )
+        .await?;
+    if let Some(found) = existing.items.into_iter().next() {
+        return Ok(found);
+    }
+    let now = now_ms();
+    let id = new_id(IdKind::Backup, now);
+    let record = BackupRecord {
+        object_key: backup::object_key(environment, &id),
+        id,
+        environment_id: environment.to_string(),
+        operation_id: t.op.id.clone(),
+        kind: kind.to_string(),
+        description: description.to_string(),
+        status: "creating".into(),
+        size: None,
+        sha256: None,
+        manifest: None,
+        created_at: now,
+        updated_at: now,
+    };
+    t.ctx.store.insert_backup(&record).await?;
+    Ok(record)
+}
+
+/// `key value` lines, then (after a line `tail`) the rest verbatim.
+fn facts_of(out: &str) -> (BTreeMap<String, String>, String) {
+    let mut map = BTreeMap::new();
+    let mut lines = out.lines();
+    for line in lines.by_ref() {
+        if line == "tail" {
+            break;
+        }
+        if let Some((key, value)) = line.split_once(' ') {
+            map.insert(key.to_string(), value.trim().to_string());
+        }
+    }
+    (map, lines.collect::<Vec<_>>().join("\n"))
+}
+
+fn number(facts: &BTreeMap<String, String>, key: &str) -> Result<u64, TaskError> {
+    facts
+        .get(key)
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| TaskError(format!("the target did not report {key}")))
+}
+
+fn text(facts: &BTreeMap<String, String>, key: &str) -> Result<String, TaskError> {
+    facts
+        .get(key)
+        .cloned()
+        .ok_or_else(|| TaskError(format!("the target did not report {key}")))
+}
+
+/// Reports a SQL dump's table count, size, SHA-256 and last lines.
+const SQL_DUMP_FACTS: &str = r#"set -e
+f=$1
+DIGEST
+echo "tables $(grep -c '^CREATE TABLE' "$f" || true)"
+echo "size $(wc -c < "$f")"
+echo "sha256 $(digest "$f" | cut -d' ' -f1)"
+echo tail
+tail -n 8 "$f"
+"#;
+
+/// SQLite's online backup of a live database, checked for integrity and against the tables
+/// of the original.
+const SQLITE_DUMP: &str = r#"set -e
+src=$1; dest=$2
+DIGEST
+if [ -f "$src" ]; then
+  sqlite3 "$src" ".backup '$dest'"
+  echo "catalog $(sqlite3 "$src" "SELECT count(*) FROM sqlite_master WHERE type='table'")"
+  echo "tables $(sqlite3 "$dest" "SELECT count(*) FROM sqlite_master WHERE type='table'")"
+  echo "integrity $(sqlite3 "$dest" 'PRAGMA integrity_check' | head -n 1)"
+else
+  : > "$dest"; echo "catalog 0"; echo "tables 0"; echo "integrity ok"
+fi
+echo "size $(wc -c < "$dest")"
+echo "sha256 $(digest "$dest" | cut -d' ' -f1)"
+"#;
+
+fn with_digest(script: &str) -> String {
+    script.replace("DIGEST", DIGEST)
+}
+
+/// Runs SQL as the database admin and answers its output.
+async fn query(site: &Site<'_>, spec: CommandSpec, sql: &str) -> Result<String, TaskError> {
+    let (code, out) = run_captured(
+        site.server.exec.as_ref(),
+        &spec.stdin(sql.to_string()),
+        site.server.log,
+    )
+    .await?;
+    require_success(code, "reading the database's catalog")?;
+    Ok(out)
+}
+
+/// Dumps the environment's database into `stage` and refuses a dump that is not whole.
+async fn dump_into(
+    site: &Site<'_>,
+    manifest: &Manifest,
+    stage: &str,
+) -> Result<Option<DatabasePart>, TaskError> {
+    let Some(access) = site.database(manifest) else {
+        return Ok(None);
+    };
+    let target = &site.server.target;
+    let file = backup::dump_file(access.kind);
+    let path = format!("{stage}/{file}");
+    let (facts, tail, catalog) = match access.kind {
+        DatabaseKind::Mariadb => {
+            let mut count = mariadb_admin(site);
+            count.argv.push("--skip-column-names".into());
+            let catalog = query(
+                site,
+                count,
+                &format!(
+                    "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{}' AND table_type = 'BASE TABLE';",
+                    access.name
+                ),
+            )
+            .await?;
+            let mut spec = mariadb_admin(site);
+            spec.argv[0] = tool(target, "mysqldump");
+            spec.argv.retain(|a| a != "--batch");
+            spec.argv.extend([
+                "--single-transaction".into(),
+                "--quick".into(),
+                "--routines".into(),
+                "--triggers".into(),
+                "--events".into(),
+                format!("--result-file={path}"),
+                access.name.clone(),
+            ]);
+            require_success(site.server.run(&spec).await?, "mysqldump")?;
+            let out = site
+                .server
+                .sh_output("reading the dump", &with_digest(SQL_DUMP_FACTS), &[&path])
+                .await?;
+            let (facts, tail) = facts_of(&out);
+            (facts, tail, catalog.trim().parse::<u64>().ok())
+        }
+        DatabaseKind::Postgresql => {
+            let mut count = psql_admin(site);
+            for arg in count.argv.iter_mut() {
+                if arg == "--dbname=postgres" {
+                    *arg = format!("--dbname={}", access.name);
+                }
+            }
+            count.argv.push("-At".into());
+            let catalog = query(
+                site,
+                count,
+                "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema');",
+            )
+            .await?;
+            let admin = &target.settings.postgresql;
+            let mut spec = CommandSpec::new([
+                tool(target, "pg_dump"),
+                format!("--host={}", admin.host),
+                format!("--port={}", admin.port),
+                format!("--username={}", admin.user),
+                "--no-owner".into(),
+                "--no-privileges".into(),
+                format!("--file={path}"),
+                access.name.clone(),
+            ]);
+            if let Some(password) = &admin.password {
+                spec = spec.env("PGPASSWORD", password);
+            }
+            require_success(site.server.run(&spec).await?, "pg_dump")?;
+            let out = site
+                .server
+                .sh_output("reading the dump", &with_digest(SQL_DUMP_FACTS), &[&path])
+                .await?;
+            let (facts, tail) = facts_of(&out);
+            (facts, tail, catalog.trim().parse::<u64>().ok())
+        }
+        DatabaseKind::Sqlite => {
+            let out = site
+                .server
+                .sh_output(
+                    "copying the SQLite database",
+                    &with_digest(SQLITE_DUMP),
+                    &[&access.path, &path],
+                )
+                .await?;
+            let (facts, tail) = facts_of(&out);
+            let catalog = facts.get("catalog").and_then(|c| c.parse().ok());
+            (facts, tail, catalog)
+        }
+        DatabaseKind::None => return Ok(None),
+    };
+    let checked = DumpFacts {
+        tail,
+        tables_in_dump: number(&facts, "tables")?,
+        tables_in_catalog: catalog
+            .ok_or_else(|| TaskError::new("the database's catalog gave no table count"))?,
+        integrity: facts.get("integrity").cloned(),
+    };
+    backup::check_dump(access.kind, &checked).map_err(TaskError)?;
+    Ok(Some(DatabasePart {
+        kind: access.kind,
+        file: file.to_string(),
+        size: number(&facts, "size")?,
+        sha256: text(&facts, "sha256")?,
+        tables: checked.tables_in_dump,
+    }))
+}
+
+/// Lists the SHA-256 of every persistent file into `files.sha256` (read as the web user) and
+/// reports how many, their bytes and the listing's SHA-256. Any file that cannot be read fails.
+const HASH_FILES: &str = r#"set -e
+files=$1; listing=$2
+DIGEST
+cd "$files"
+errors=$(mktemp)
+find . -type f -print0 2>"$errors" | sort -z | xargs -0 -r sh -c "$d"'; digest "$@"' sh > "$listing"
+if [ -s "$errors" ]; then cat "$errors" >&2; rm -f "$errors"; exit 1; fi
+rm -f "$errors"
+echo "count $(find . -type f | wc -l)"
+echo "bytes $(find . -type f -printf '%s\n' | awk '{s += $1} END {printf "%d", s}')"
+echo "sha256 $(digest "$listing" | cut -d' ' -f1)"
+"#;
+
+/// Packs the archive: `tar` (passed as the arguments, run as the web user) through zstd.
+/// A tar that fails (2) fails the archive; files that changed while read (1) are reported.
+const PACK: &str = r#"set -e
+out=$1; level=$2; shift 2
+DIGEST
+rm -f "$out.status"
+{ "$@" && s=0 || s=$?; echo "$s" > "$out.status"; } | zstd -q -T0 "-$level" -f -o "$out.part"
+code=$(cat "$out.status"); rm -f "$out.status"
+if [ "$code" -ge 2 ]; then rm -f "$out.part"; echo "tar failed (exit status $code)" >&2; exit 1; fi
+if [ "$code" -eq 1 ]; then echo "some files changed while they were read" >&2; fi
+mv -f "$out.part" "$out"
+echo "size $(wc -c < "$out")"
+echo "sha256 $(digest "$out" | cut -d' ' -f1)"
+"#;
+
+/// The backup's working directory on the target and its archive beside it.
+fn stage_of(site: &Site<'_>, backup: &str) -> (String, String) {
+    let stage = site.layout().backup_work_dir(backup);
+    let archive = format!("{stage}.tar.zst");
+    (stage, archive)
+}
+
+/// A clean working directory, owned by the web user (who reads it into the archive).
+async fn fresh_stage(site: &Site<'_>, stage: &str) -> Result<(), TaskError> {
+    site.server
+        .sh(
+            "preparing the backup directory",
+            r#"set -e; mkdir -p "$1"; chmod 711 "$1"; rm -rf "$2" "$2.tar.zst"; mkdir -m 700 "$2"; if [ -n "$3" ]; then chown "$3" "$2"; fi"#,
+            &[
+                &site.layout().backups_dir(),
+                stage,
+                &site.server.web_owner().unwrap_or_default(),
+            ],
+        )
+        .await
+}
+
+/// Step one of a backup: the dump.
+async fn dump_step(
+    site: &Site<'_>,
+    manifest: &Manifest,
+    backup: &BackupRecord,
+    parts: Parts,
+) -> Result<Option<DatabasePart>, TaskError> {
+    let (stage, _) = stage_of(site, &backup.id);
+    fresh_stage(site, &stage).await?;
+    if !parts.database {
+        return Ok(None);
+    }
+    let part = dump_into(site, manifest, &stage).await?;
+    if let Some(part) = &part {
+        site.server.log.info(format!(
+            "{} dump: {} tables, {} bytes, checked against the catalog",
+            part.kind.as_str(),
+            part.tables,
+            part.size
+        ));
+    }
+    Ok(part)
+}
+
+/// Step two: hash the files, write the manifest, pack the archive. Answers the manifest and
+/// the archive's size and SHA-256.
+async fn pack_step(
+    t: &TaskContext<'_>,
+    site: &Site<'_>,
+    backup: &BackupRecord,
+    database: Option<DatabasePart>,
+    parts: Parts,
+) -> Result<(BackupManifest, u64, String), TaskError> {
+    let (stage, archive) = stage_of(site, &backup.id);
+    let layout = site.layout();
+    let files_dir = layout.files_dir(site.id());
+    let owner = site.server.web_owner();
+    if let Some(owner) = &owner {
+        site.server
+            .sh(
+                "handing the dump to the web user",
+                r#"chown -R "$1" "$2""#,
+                &[owner, &stage],
+            )
+            .await?;
+    }
+    let listing = format!("{stage}/{}", backup::FILES_LISTING);
+    let has_files = parts.files
+        && site
+            .server
+            .sh_output(
+                "looking for the files",
+                r#"[ -d "$1" ] && echo yes || echo no"#,
+                &[&files_dir],
+            )
+            .await?
+            .trim()
+            == "yes";
+    let files = if has_files {
+        let spec = site.server.as_web_user(crate::tasks::server::script_spec(
+            &with_digest(HASH_FILES),
+            &[&files_dir, &listing],
+        ));
+        let (code, out) = run_captured(site.server.exec.as_ref(), &spec, site.server.log).await?;
+        if code != Some(0) {
+            return Err(TaskError::new(
+                "a persistent file cannot be read (see the log): the backup would be incomplete",
+            ));
+        }
+        let (facts, _) = facts_of(&out);
+        Some(FilesPart {
+            count: number(&facts, "count")?,
+            bytes: number(&facts, "bytes")?,
+            sha256: text(&facts, "sha256")?,
+        })
+    } else {
+        None
+    };
+    let release = site.env.release_id.clone();
+    let commit = match &release {
+        Some(id) => t.ctx.store.get_release(id).await?.map(|r| r.commit),
+        None => None,
+    };
+    let mut tools = BTreeMap::new();
+    let versions = site
+        .server
+        .sh_output(
+            "reading tool versions",
+            r#"for t in mysqldump pg_dump sqlite3 tar zstd; do v=$("$t" --version 2>/dev/null | head -n 1) && [ -n "$v" ] && echo "$t $v"; done; true"#,
+            &[],
+        )
+        .await?;
+    for line in versions.lines() {
+        if let Some((tool, version)) = line.split_once(' ') {
+            tools.insert(tool.to_string(), version.to_string());
+        }
+    }
+    let manifest = BackupManifest {
+        format: backup::FORMAT,
+        backup: backup.id.clone(),
+        environment: site.env.id.clone(),
+        environment_name: site.env.name.clone(),
+        project: site.env.project_id.clone(),
+        release,
+        commit,
+        created_at: format_ms(backup.created_at),
+        database,
+        files,
+        tools,
+    };
+    let manifest_json = serde_json::to_string_pretty(&manifest).expect("a manifest serialises");
+    site.server
+        .write_file(
+            &format!("{stage}/{}", backup::MANIFEST_FILE),
+            &manifest_json,
+            "600",
+            owner.as_deref(),
+        )
+        .await?;
+    let mut tar = vec![
+        "tar".to_string(),
+        "-c".into(),
+        "-f".into(),
+        "-".into(),
+        "-C".into(),
+        stage.clone(),
+        backup::MANIFEST_FILE.into(),
+    ];
+    if let Some(part) = &manifest.database {
+        tar.push(part.file.clone());
+    }
+    if manifest.files.is_some() {
+        tar.extend([
+            backup::FILES_LISTING.into(),
+            "-C".into(),
+            layout.environment_dir(site.id()),
+            backup::FILES_DIR.into(),
+        ]);
+    }
+    let tar = site.server.as_web_user(CommandSpec::new(tar));
+    let mut args = vec![archive.clone(), ZSTD_LEVEL.to_string()];
+    args.extend(tar.argv);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = site
+        .server
+        .sh_output("packing the archive", &with_digest(PACK), &args)
+        .await?;
+    let (facts, _) = facts_of(&out);
+    let size = number(&facts, "size")?;
+    let sha256 = text(&facts, "sha256")?;
+    site.server.log.info(format!(
+        "archive {archive}: {size} bytes, {} files",
+        manifest.files.as_ref().map_or(0, |f| f.count)
+    ));
+    Ok((manifest, size, sha256))
+}
+
+/// Step three: into the backup store, then the record says it is ready.
+async fn store_step(
+    t: &TaskContext<'_>,
+    site: &Site<'_>,
+    backup: &mut BackupRecord,
+    manifest: BackupManifest,
+    size: u64,
+    sha256: String,
+) -> Result<(), TaskError> {
+    let (stage, archive) = stage_of(site, &backup.id);
+    let store = &t.ctx.backups;
+    if site.server.exec.is_local() {
+        store
+            .put_file(&backup.object_key, std::path::Path::new(&archive))
+            .await
+            .map_err(|e| TaskError(format!("storing the archive: {e}")))?;
+    } else {
+        let local = scratch_file(t, &format!("{}.tar.zst", backup.id))?;
+        site.server.exec.download(&archive, &local).await?;
+        let stored = store.put_file(&backup.object_key, &local).await;
+        let _ = std::fs::remove_file(&local);
+        stored.map_err(|e| TaskError(format!("storing the archive: {e}")))?;
+    }
+    t.log.info(format!(
+        "stored as {} in {}",
+        backup.object_key,
+        store.describe()
+    ));
+    site.server.remove(&[stage, archive]).await?;
+    backup.status = "ready".into();
+    backup.size = Some(size as i64);
+    backup.sha256 = Some(sha256);
+    backup.manifest = Some(serde_json::to_value(&manifest).expect("a manifest serialises"));
+    backup.updated_at = now_ms();
+    t.ctx.store.update_backup(backup).await?;
+    Ok(())
+}
+
+/// A file in the control plane's scratch directory (for archives passing through).
+fn scratch_file(t: &TaskContext<'_>, name: &str) -> Result<PathBuf, TaskError> {
+    let dir = t.ctx.data_dir.join("tmp");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.join(name))
+}
+
+/// A whole backup in one step: for the safety backup of a restore, and the source of a clone
+/// or sync.
+async fn make_backup(
+    t: &TaskContext<'_>,
+    site: &Site<'_>,
+    kind: &str,
+    description: &str,
+    parts: Parts,
+) -> Result<BackupRecord, TaskError> {
+    let mut record = backup_record(t, site.id(), kind, description).await?;
+    if record.status == "ready" {
+        return Ok(record);
+    }
+    let manifest = match &site.env.release_id {
+        Some(_) => served_release(t, &site.env).await?.1,
+        None => return Err(TaskError::new("the environment is not deployed")),
+    };
+    let database = dump_step(site, &manifest, &record, parts).await?;
+    let (archive_manifest, size, sha256) = pack_step(t, site, &record, database, parts).await?;
+    store_step(t, site, &mut record, archive_manifest, size, sha256).await?;
+    t.log
+        .info(format!("backup {} of {} is ready", record.id, site.id()));
+    Ok(record)
+}
+
+// ---------------------------------------------------------------------------------------
+// environment_backup
+
+fn backup_kind(t: &TaskContext<'_>) -> String {
+    t.op.inputs["kind"].as_str().unwrap_or("manual").to_string()
+}
+
+pub async fn dump_database(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let (_, manifest) = served_release(t, &site.env).await?;
+    let description = t.op.inputs["description"].as_str().unwrap_or_default();
+    let record = backup_record(t, site.id(), &backup_kind(t), description).await?;
+    let database = dump_step(&site, &manifest, &record, EVERYTHING).await?;
+    Ok(TaskOutput::with_state(json!({
+        "backup": record.id,
+        "database_part": database,
+    })))
+}
+
+fn state_backup(t: &TaskContext<'_>) -> Result<String, TaskError> {
+    t.state["backup"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| TaskError::new("the operation has no backup recorded"))
+}
+
+async fn load_backup(t: &TaskContext<'_>, id: &str) -> Result<BackupRecord, TaskError> {
+    t.ctx
+        .store
+        .get_backup(id)
+        .await?
+        .ok_or_else(|| TaskError(format!("backup {id} no longer exists")))
+}
+
+pub async fn pack_archive(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let record = load_backup(t, &state_backup(t)?).await?;
+    let database: Option<DatabasePart> =
+        serde_json::from_value(t.state["database_part"].clone()).unwrap_or(None);
+    let (manifest, size, sha256) = pack_step(t, &site, &record, database, EVERYTHING).await?;
+    Ok(TaskOutput::with_state(json!({
+        "archive": {"manifest": manifest, "size": size, "sha256": sha256},
+    })))
+}
+
+pub async fn store_archive(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let mut record = load_backup(t, &state_backup(t)?).await?;
+    let archive = &t.state["archive"];
+    let manifest: BackupManifest = serde_json::from_value(archive["manifest"].clone())
+        .map_err(|_| TaskError::new("the operation has no archive recorded"))?;
+    let size = archive["size"].as_u64().unwrap_or_default();
+    let sha256 = archive["sha256"].as_str().unwrap_or_default().to_string();
+    store_step(t, &site, &mut record, manifest, size, sha256).await?;
+    Ok(TaskOutput::with_state(
+        json!({ "result": { "backup": record.id } }),
+    ))
+}
+
+/// The rollback of a failed backup: its working files go, and it is marked failed.
+pub async fn discard_backup(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let Ok(id) = state_backup(t) else {
+        // The first task failed before it recorded the backup: find it by the operation.
+        let found = t
+            .ctx
+            .store
+            .list_backups(
+                &BackupFilter {
+                    operation: Some(t.op.id.clone()),
+                    ..Default::default()
+                },
+                &Page {
+                    limit: 10,
+                    cursor: None,
+                },
+            )
+            .await?;
+        for mut record in found.items {
+            discard(t, &site, &mut record).await?;
+        }
+        return Ok(TaskOutput::done());
+    };
+    let mut record = load_backup(t, &id).await?;
+    discard(t, &site, &mut record).await?;
+    Ok(TaskOutput::done())
+}
+
+async fn discard(
+    t: &TaskContext<'_>,
+    site: &Site<'_>,
+    record: &mut BackupRecord,
+) -> Result<(), TaskError> {
+    let (stage, archive) = stage_of(site, &record.id);
+    site.server.remove(&[stage, archive]).await?;
+    if record.status == "creating" {
+        record.status = "failed".into();
+        record.updated_at = now_ms();
+        t.ctx.store.update_backup(record).await?;
+        t.log.info(format!("backup {} marked failed", record.id));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// backup_delete
+
+pub async fn remove_archive(t: &TaskContext<'_>) -> TaskResult {
+    let mut record = load_backup(t, &t.op.subject_id).await?;
+    t.ctx
+        .backups
+        .delete(&record.object_key)
+        .await
+        .map_err(|e| TaskError(format!("removing the archive: {e}")))?;
+    record.status = "deleted".into();
+    record.updated_at = now_ms();
+    t.ctx.store.update_backup(&record).await?;
+    t.log.info(format!("removed {}", record.object_key));
+    Ok(TaskOutput::done())
+}
+
+// ---------------------------------------------------------------------------------------
+// restore, clone, sync
+
+/// What a restore or sync takes from the backup: the operation's `database` and `files`
+/// (both unless said otherwise).
+fn wanted(t: &TaskContext<'_>) -> Parts {
+    Parts {
+        database: t.op.inputs["database"].as_bool().unwrap_or(true),
+        files: t.op.inputs["files"].as_bool().unwrap_or(true),
+    }
+}
+
+fn source_id(t: &TaskContext<'_>) -> Result<String, TaskError> {
+    t.op.inputs["from"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| TaskError::new("the operation names no source environment"))
+}
+
+/// A fresh backup of the source of a clone or sync.
+pub async fn take_source_backup(t: &TaskContext<'_>) -> TaskResult {
+    let from = source_id(t)?;
+    let source = Site::open_other(t, &from).await?;
+    let record = make_backup(
+        t,
+        &source,
+        "copy",
+        &format!("copied into {}", t.op.subject_id),
+        wanted(t),
+    )
+    .await?;
+    let mut patch = json!({ "restore_from": record.id });
+    if t.op.kind == hefring_core::operation::OperationKind::EnvironmentClone {
+        patch["result"] = json!({ "environment": t.op.subject_id, "backup": record.id });
+    }
+    Ok(TaskOutput::with_state(patch))
+}
+
+/// Nothing is overwritten before what is there is backed up. Also records the served
+/// release's manifest for the tasks after it (the deploy commands).
+pub async fn take_safety_backup(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let (release, manifest) = served_release(t, &site.env).await?;
+    let record = make_backup(
+        t,
+        &site,
+        "safety",
+        &format!("before {} {}", t.op.kind, t.op.id),
+        wanted(t),
+    )
+    .await?;
+    let mut patch = json!({
+        "result": { "safety_backup": record.id },
+        "safety_backup": record.id,
+        "manifest": manifest,
+        "release_id": release.id,
+    });
+    if let Some(backup) = t.op.inputs["backup"].as_str() {
+        patch["restore_from"] = json!(backup);
+    }
+    Ok(TaskOutput::with_state(patch))
+}
+
+fn restore_dir(site: &Site<'_>, t: &TaskContext<'_>) -> String {
+    let tail = t.op.id.rsplit('_').next().unwrap_or(&t.op.id);
+    site.layout().backup_work_dir(&format!("restore-{tail}"))
+}
+
+/// Unpacks and checks an archive: its own SHA-256, then the dump's and the files'.
+const UNPACK: &str = r#"set -e
+archive=$1; work=$2
+DIGEST
+echo "archive $(digest "$archive" | cut -d' ' -f1)"
+rm -rf "$work"; mkdir -p "$work"; chmod 700 "$work"
+zstd -q -d -c "$archive" | tar -x --no-same-owner -f - -C "$work"
+rm -f "$archive"
+if [ -f "$work/database.sql" ]; then echo "database $(digest "$work/database.sql" | cut -d' ' -f1)"; fi
+if [ -f "$work/database.sqlite" ]; then echo "database $(digest "$work/database.sqlite" | cut -d' ' -f1)"; fi
+if [ -d "$work/files" ]; then
+  (cd "$work/files" && find . -type f -print0 | sort -z | xargs -0 -r sh -c "$d"'; digest "$@"' sh) > "$work/files.check"
+  echo "files $(digest "$work/files.check" | cut -d' ' -f1)"
+fi
+echo tail
+cat "$work/manifest.json"
+"#;
+
+/// Brings the backup to restore onto the target, unpacks it and checks every SHA-256.
+pub async fn fetch_backup(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let id = t.state["restore_from"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| TaskError::new("the operation names no backup to restore"))?;
+    let record = load_backup(t, &id).await?;
+    if record.status != "ready" {
+        return Err(TaskError(format!("backup {id} is {}", record.status)));
+    }
+    let work = restore_dir(&site, t);
+    let archive = format!("{work}.tar.zst");
+    site.server
+        .mkdirs(std::slice::from_ref(&site.layout().backups_dir()), "711")
+        .await?;
+    let store = &t.ctx.backups;
+    if site.server.exec.is_local() {
+        store
+            .get_to_file(&record.object_key, std::path::Path::new(&archive))
+            .await
+            .map_err(|e| TaskError(format!("fetching the archive: {e}")))?;
+    } else {
+        let local = scratch_file(t, &format!("{id}.tar.zst"))?;
+        store
+            .get_to_file(&record.object_key, &local)
+            .await
+            .map_err(|e| TaskError(format!("fetching the archive: {e}")))?;
+        let sent = site.server.exec.upload(&local, &archive).await;
+        let _ = std::fs::remove_file(&local);
+        sent?;
+    }
+    let out = site
+        .server
+        .sh_output(
+            "unpacking the archive",
+            &with_digest(UNPACK),
+            &[&archive, &work],
+        )
+        .await?;
+    let (facts, manifest_text) = facts_of(&out);
+    let manifest: BackupManifest = serde_json::from_str(&manifest_text)
+        .map_err(|e| TaskError(format!("the archive's manifest is unreadable: {e}")))?;
+    let mismatch = |what: &str| {
+        TaskError(format!(
+            "the archive's {what} does not match its SHA-256: the backup is damaged"
+        ))
+    };
+    if record.sha256.as_deref() != facts.get("archive").map(String::as_str) {
+        return Err(mismatch("archive"));
+    }
+    if let Some(part) = &manifest.database {
+        if facts.get("database") != Some(&part.sha256) {
+            return Err(mismatch("database dump"));
+        }
+    }
+    if let Some(part) = &manifest.files {
+        if facts.get("files") != Some(&part.sha256) {
+            return Err(mismatch("files"));
+        }
+    }
+    t.log.info(format!(
+        "backup {id} of {} ({}) unpacked and checked",
+        manifest.environment_name, manifest.created_at
+    ));
+    // A restore or sync runs the commands of the release the environment serves; a clone
+    // recorded its own in prepare_target.
+    let mut patch = json!({ "restore_manifest": manifest });
+    if t.state["manifest"].is_null() {
+        let (release, served) = served_release(t, &site.env).await?;
+        patch["manifest"] = json!(served);
+        patch["release_id"] = json!(release.id);
+    }
+    Ok(TaskOutput::with_state(patch))
+}
+
+fn restore_manifest(t: &TaskContext<'_>) -> Result<BackupManifest, TaskError> {
+    serde_json::from_value(t.state["restore_manifest"].clone()).map_err(|_| {
+        TaskError::new("the operation has no unpacked backup (fetch_backup did not run)")
+    })
+}
+
+pub async fn restore_database(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let manifest = manifest(t)?;
+    let archive = restore_manifest(t)?;
+    if !wanted(t).database {
+        t.log.info("the database is left as it is");
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    backup::check_restorable(&archive, manifest.database, true).map_err(TaskError)?;
+    let (Some(part), Some(access)) = (&archive.database, site.database(&manifest)) else {
+        t.log.info("the environment has no database");
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    };
+    let dump = format!("{}/{}", restore_dir(&site, t), part.file);
+    let name = &access.name;
+    match access.kind {
+        DatabaseKind::Mariadb => {
+            // A new, empty database: tables the backup does not have must not survive.
+            run_sql(
+                &site,
+                mariadb_admin(&site),
+                format!(
+                    "DROP DATABASE IF EXISTS `{name}`;\nCREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;\n"
+                ),
+                "emptying the MariaDB database",
+            )
+            .await?;
+            let mut spec = mariadb_admin(&site);
+            spec.argv.push(name.clone());
+            let mut argv = vec![
+                "sh".to_string(),
+                "-c".into(),
+                r#"f=$1; shift; exec "$@" < "$f""#.into(),
+                "sh".into(),
+                dump.clone(),
+            ];
+            argv.append(&mut spec.argv);
+            spec.argv = argv;
+            require_success(site.server.run(&spec).await?, "loading the dump")?;
+        }
+        DatabaseKind::Postgresql => {
+            run_sql(
+                &site,
+                psql_admin(&site),
+                format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE);\n\
+                     CREATE DATABASE {name} OWNER {name} ENCODING 'UTF8' TEMPLATE template0;\n\
+                     REVOKE ALL ON DATABASE {name} FROM PUBLIC;\n"
+                ),
+                "emptying the PostgreSQL database",
+            )
+            .await?;
+            // Loaded as the site's role, so that it owns every table, as it did before.
+            let mut spec = psql_admin(&site);
+            for arg in spec.argv.iter_mut() {
+                if arg == "--dbname=postgres" {
+                    *arg = format!("--dbname={name}");
+                }
+            }
+            spec.argv.extend([
+                format!("--command=SET ROLE {name}"),
+                format!("--file={dump}"),
+            ]);
+            require_success(site.server.run(&spec).await?, "loading the dump")?;
+        }
+        DatabaseKind::Sqlite => {
+            site.server
+                .sh(
+                    "putting the database in place",
+                    r#"set -e
+dump=$1; db=$2; owner=$3
+mkdir -p "$(dirname "$db")"
+cp "$dump" "$db.restoring"
+if [ -n "$owner" ]; then chown "$owner" "$db.restoring"; fi
+rm -f "$db-wal" "$db-shm" "$db-journal"
+mv -f "$db.restoring" "$db""#,
+                    &[
+                        &dump,
+                        &access.path,
+                        &site.server.web_owner().unwrap_or_default(),
+                    ],
+                )
+                .await?;
+        }
+        DatabaseKind::None => {}
+    }
+    t.log.info(format!(
+        "database {name} restored from backup {} ({} tables)",
+        archive.backup, part.tables
+    ));
+    Ok(TaskOutput::done())
+}
+
+/// Puts the unpacked files in place of the persistent directory (a rename, so the site sees
+/// the old tree or the new one), then removes the working directory.
+const SWAP_FILES: &str = r#"set -e
+new=$1; files=$2; owner=$3
+if [ -d "$new" ]; then
+  if [ -n "$owner" ]; then chown -R "$owner" "$new"; fi
+  rm -rf "$files.old"
+  if [ -e "$files" ]; then mv "$files" "$files.old"; fi
+  mv "$new" "$files"
+fi
+rm -rf "$files.old"
+"#;
+
+pub async fn restore_files(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let archive = restore_manifest(t)?;
+    let work = restore_dir(&site, t);
+    let outcome = if !wanted(t).files {
+        t.log.info("the files are left as they are");
+        TaskOutput {
+            skipped: true,
+            ..Default::default()
+        }
+    } else if archive.files.is_none() {
+        t.log.info("the backup holds no files");
+        TaskOutput {
+            skipped: true,
+            ..Default::default()
+        }
+    } else {
+        let files = site.layout().files_dir(site.id());
+        site.server
+            .sh(
+                "putting the files in place",
+                SWAP_FILES,
+                &[
+                    &format!("{work}/{}", backup::FILES_DIR),
+                    &files,
+                    &site.server.web_owner().unwrap_or_default(),
+                ],
+            )
+            .await?;
+        t.log.info(format!(
+            "{} files restored from backup {}",
+            archive.files.as_ref().map_or(0, |f| f.count),
+            archive.backup
+        ));
+        TaskOutput::done()
+    };
+    site.server.remove(&[work]).await?;
+    Ok(outcome)
+}
+
+/// After a failed restore, clone or sync: the unpacked archive goes.
+pub async fn clean_up_restore(t: &TaskContext<'_>) -> Result<(), TaskError> {
+    let site = Site::open(t).await?;
+    let work = restore_dir(&site, t);
+    site.server.remove(&[format!("{work}.tar.zst"), work]).await
+}
