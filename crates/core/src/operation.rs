@@ -215,7 +215,11 @@ impl OperationKind {
             OperationKind::BackupDelete => &["remove_archive"],
             // A canary first, alone: its failure stops everything. Then the rest, a bounded
             // number at a time, each a child operation of its own.
-            OperationKind::ReleaseFleetUpdate => &["update_canary", "update_rest"],
+            // It succeeds only when every child did: `report_results` fails it otherwise, once
+            // the per-environment results are recorded.
+            OperationKind::ReleaseFleetUpdate => {
+                &["update_canary", "update_rest", "report_results"]
+            }
             OperationKind::SystemNoop => &["noop"],
         }
     }
@@ -229,6 +233,8 @@ impl OperationKind {
             OperationKind::EnvironmentUpdate => &["switch_back"],
             // A backup that failed leaves no staging files and is marked failed.
             OperationKind::EnvironmentBackup => &["discard_backup"],
+            // Children still queued or running are cancelled with their parent.
+            OperationKind::ReleaseFleetUpdate => &["cancel_children"],
             _ => &[],
         }
     }

@@ -22,6 +22,8 @@ pub struct Context {
     pub acme: Option<crate::acme::AcmeConfig>,
     /// Where backup archives are kept: a directory or an S3-compatible store.
     pub backups: Arc<dyn hefring_objects::ObjectStore>,
+    /// Where operations that tasks start (a fleet update's children) are announced.
+    pub queue: Arc<dyn hefring_queue::Queue>,
 }
 
 /// One task's view of its operation.

@@ -123,6 +123,7 @@ impl Engine {
                     )
                     .map_err(std::io::Error::other)?,
                 },
+                queue: queue.clone(),
             },
             queue,
             config,
@@ -729,9 +730,11 @@ impl Engine {
             Ending::Cancelled => log.info("operation cancelled"),
         }
         log.flush().await;
+        // What it produced before it failed stays visible (a restore's safety backup, a fleet
+        // update's per-environment results).
         let outcome = OperationOutcome {
             status,
-            result: json!({}),
+            result: state.get("result").cloned().unwrap_or(json!({})),
             error,
         };
         store

@@ -401,3 +401,19 @@ pub struct SyncEnvironment {
 fn yes() -> bool {
     true
 }
+
+/// Update every environment running a release to another one: a canary first, alone, then the
+/// rest a bounded number at a time.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FleetUpdate {
+    /// The release to update to (of the same project, ready).
+    pub to: String,
+    /// Updates at once after the canary (1 to 50, default 1).
+    pub parallelism: Option<u32>,
+    /// Failed updates tolerated before the rest are not started (default 0).
+    pub max_failures: Option<u32>,
+    /// Also the project's environments on releases older than `to`.
+    #[serde(default)]
+    pub include_older: bool,
+}

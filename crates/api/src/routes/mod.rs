@@ -54,6 +54,7 @@ fn protected() -> OpenApiRouter<AppState> {
         .routes(routes!(releases::build))
         .routes(routes!(releases::list))
         .routes(routes!(releases::show))
+        .routes(routes!(releases::fleet_update))
         .routes(routes!(environments::list, environments::create))
         .routes(routes!(environments::show, environments::delete))
         .routes(routes!(environments::deploy))

@@ -2,8 +2,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use hefring_core::operation::OperationKind;
-use hefring_core::validate;
-use hefring_wire::{BuildRelease, ErrorBody, List, Operation, PageQuery, Release};
+use hefring_core::{validate, IdKind};
+use hefring_wire::{BuildRelease, ErrorBody, FleetUpdate, List, Operation, PageQuery, Release};
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
@@ -110,4 +110,71 @@ pub async fn show(
         .ok_or(ApiError::NotFound)?;
     let environments = state.store.environments_running(&release.id).await?;
     Ok(Json(convert::release(release, environments)))
+}
+
+/// Update every environment running this release to `to`, each by a child operation: one
+/// environment first, alone (a canary: its failure stops everything), then the rest at most
+/// `parallelism` at a time, stopping when failures exceed `max_failures`. The parent succeeds
+/// only when every child did; its result lists each environment's outcome.
+#[utoipa::path(post, path = "/api/v1/releases/{id}/fleet-update", tag = "releases", params(("id" = String, Path)),
+    request_body = FleetUpdate,
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn fleet_update(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    extract::Json(body): extract::Json<FleetUpdate>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let from = match IdKind::Release.matches(&id) {
+        true => state.store.get_release(&id).await?,
+        false => None,
+    }
+    .ok_or(ApiError::NotFound)?;
+    let to = match IdKind::Release.matches(&body.to) {
+        true => state.store.get_release(&body.to).await?,
+        false => None,
+    }
+    .ok_or_else(|| ApiError::invalid("to", "no release has this id"))?;
+    if to.id == from.id {
+        return Err(ApiError::invalid(
+            "to",
+            "the release to update to is this one",
+        ));
+    }
+    if to.project_id != from.project_id {
+        return Err(ApiError::invalid(
+            "to",
+            "the release belongs to another project",
+        ));
+    }
+    if to.status != "ready" || to.artifact_sha256.is_none() {
+        return Err(ApiError::invalid(
+            "to",
+            format!("release {} is {}, not ready", to.id, to.status),
+        ));
+    }
+    let parallelism = body.parallelism.unwrap_or(1);
+    if !(1..=50).contains(&parallelism) {
+        return Err(ApiError::invalid("parallelism", "must be between 1 and 50"));
+    }
+    if !body.include_older && state.store.environments_running(&from.id).await?.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "no environment runs release {}",
+            from.id
+        )));
+    }
+    let op = submit(
+        &state,
+        OperationKind::ReleaseFleetUpdate,
+        &from.id,
+        json!({
+            "to": to.id,
+            "parallelism": parallelism,
+            "max_failures": body.max_failures.unwrap_or(0),
+            "include_older": body.include_older,
+        }),
+        &caller.0,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }

@@ -3,6 +3,7 @@
 
 mod backup;
 mod environment;
+mod fleet;
 mod git;
 mod project;
 mod release;
@@ -99,6 +100,10 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::EnvironmentDelete, "drop_database") => environment::drop_database(t).await,
         (K::EnvironmentDelete, "remove_files") => environment::remove_files(t).await,
         (K::EnvironmentDelete, "mark_deleted") => environment::mark_deleted(t).await,
+        (K::ReleaseFleetUpdate, "update_canary") => fleet::update_canary(t).await,
+        (K::ReleaseFleetUpdate, "update_rest") => fleet::update_rest(t).await,
+        (K::ReleaseFleetUpdate, "report_results") => fleet::report_results(t).await,
+        (K::ReleaseFleetUpdate, "cancel_children") => fleet::cancel_children(t).await,
         (K::SystemNoop, "noop") => Ok(TaskOutput::done()),
         (kind, task) => Err(TaskError(format!("{kind} has no task named {task}"))),
     }

@@ -6,6 +6,7 @@ mod backups;
 mod cli;
 mod distributed;
 mod durability;
+mod fleet;
 mod environments;
 mod harness;
 mod mediawiki;
