@@ -8,6 +8,7 @@ mod convert;
 mod error;
 mod extract;
 mod routes;
+pub mod scheduler;
 mod submit;
 
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// Where backup archives are kept (downloads read them from there).
     pub backups: Arc<dyn hefring_objects::ObjectStore>,
+    /// The scheduler's clock is driven through `POST /api/v1/scheduler/tick` (tests).
+    pub manual_clock: bool,
 }
 
 /// The whole HTTP application.

@@ -125,6 +125,29 @@ pub trait Executor: Send + Sync {
     }
 }
 
+/// The variables of Hefring's own environment that commands it runs on this machine see:
+/// where programs are, the locale, the time zone, temporary files, proxies and CA bundles.
+/// Nothing else: the rest may be secrets.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
 /// Runs commands on this machine.
 #[derive(Clone, Debug, Default)]
 pub struct LocalExecutor;
@@ -139,6 +162,14 @@ impl Executor for LocalExecutor {
         command.args(&spec.argv[1..]);
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
+        }
+        // Hefring's own environment holds secrets (S3 keys, database and broker URLs): a
+        // command gets only what any process needs, plus what its spec gives it.
+        command.env_clear();
+        for name in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
         }
         command.envs(spec.env.iter().map(|(k, v)| (k, v)));
         let input = match &spec.stdin {

@@ -47,13 +47,27 @@ impl IdKind {
 
 const CROCKFORD: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
-/// A new id of `kind`, ordered after every id made earlier at `now_ms`.
+/// A new id of `kind`, ordered after every id made earlier at `now_ms`, and after every id
+/// this process made before within the same millisecond (the random part counts up, as in
+/// monotonic ULIDs): operations queued one after another in one millisecond keep their order.
 pub fn new_id(kind: IdKind, now_ms: i64) -> String {
+    static LAST: std::sync::Mutex<u128> = std::sync::Mutex::new(0);
     let mut random = [0u8; 10];
     rand::thread_rng().fill_bytes(&mut random);
-    let mut value: u128 = (now_ms.max(0) as u128 & ((1 << 48) - 1)) << 80;
+    let time: u128 = (now_ms.max(0) as u128 & ((1 << 48) - 1)) << 80;
+    let mut value = time;
     for (i, byte) in random.iter().enumerate() {
         value |= (*byte as u128) << (8 * (9 - i));
+    }
+    {
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if *last >> 80 == time >> 80 && value <= *last {
+            // Leaves room: the random part is 80 bits, so it does not run out in a millisecond.
+            value = *last + 1;
+        }
+        if value > *last {
+            *last = value;
+        }
     }
     let mut out = String::with_capacity(kind.prefix().len() + 27);
     out.push_str(kind.prefix());
@@ -77,6 +91,18 @@ mod tests {
         assert!(!IdKind::Target.matches(&id));
         assert!(!IdKind::Operation.matches("op_short"));
         assert!(!IdKind::Operation.matches("op_ABCDEFGHJKMNPQRSTVWXYZ0123"));
+    }
+
+    #[test]
+    fn ids_made_in_one_millisecond_keep_their_order() {
+        // A time later than any other test uses: ids of older times never reset the sequence.
+        let ids: Vec<String> = (0..1000)
+            .map(|_| new_id(IdKind::Operation, 1 << 46))
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted, ids);
     }
 
     #[test]

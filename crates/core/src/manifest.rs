@@ -176,29 +176,12 @@ fn check_command(field: &str, command: &Command) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// A cron schedule: five fields (minute hour day month weekday), or six with seconds first.
-/// Each field is `*`, numbers, ranges, lists and steps.
+/// A cron schedule (`crate::schedule`): five fields (minute hour day month weekday), or six
+/// with seconds first, or a macro such as `@daily`.
 pub fn check_schedule(field: &str, schedule: &str) -> Result<(), FieldError> {
-    let fields: Vec<&str> = schedule.split_whitespace().collect();
-    if fields.len() != 5 && fields.len() != 6 {
-        return Err(FieldError::new(
-            field,
-            "must have 5 fields (minute hour day month weekday) or 6 with seconds first",
-        ));
-    }
-    let all_valid = fields.iter().all(|f| {
-        !f.is_empty()
-            && f.bytes()
-                .all(|b| b.is_ascii_digit() || matches!(b, b'*' | b'/' | b'-' | b','))
-    });
-    if all_valid {
-        Ok(())
-    } else {
-        Err(FieldError::new(
-            field,
-            "fields may hold only digits, '*', '/', '-' and ','",
-        ))
-    }
+    crate::schedule::Schedule::parse(schedule)
+        .map(|_| ())
+        .map_err(|e| FieldError::new(field, e.to_string()))
 }
 
 #[cfg(test)]

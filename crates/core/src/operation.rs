@@ -60,6 +60,7 @@ string_enum!(
         EnvironmentRestore => "environment_restore",
         EnvironmentClone => "environment_clone",
         EnvironmentSync => "environment_sync",
+        EnvironmentMigrate => "environment_migrate",
         EnvironmentCron => "environment_cron",
         EnvironmentPruneBackups => "environment_prune_backups",
         BackupDelete => "backup_delete",
@@ -111,6 +112,7 @@ impl OperationKind {
             | OperationKind::EnvironmentRestore
             | OperationKind::EnvironmentClone
             | OperationKind::EnvironmentSync
+            | OperationKind::EnvironmentMigrate
             | OperationKind::EnvironmentCron
             | OperationKind::EnvironmentPruneBackups => SubjectType::Environment,
             OperationKind::BackupDelete => SubjectType::Backup,
@@ -210,6 +212,26 @@ impl OperationKind {
                 "restore_files",
                 "run_deploy_commands",
             ],
+            // A copy on the new target, from a fresh backup, checked before the record
+            // switches; the old copy goes last.
+            OperationKind::EnvironmentMigrate => &[
+                "take_backup",
+                "prepare_target",
+                "create_database",
+                "create_files_directory",
+                "unpack_release",
+                "obtain_certificate",
+                "write_pool",
+                "write_server_block",
+                "fetch_backup",
+                "restore_database",
+                "restore_files",
+                "run_deploy_commands",
+                "switch_release",
+                "check_health",
+                "switch_target",
+                "remove_old_copy",
+            ],
             OperationKind::EnvironmentCron => &["run_cron_command"],
             OperationKind::EnvironmentPruneBackups => &["prune_backups"],
             OperationKind::BackupDelete => &["remove_archive"],
@@ -233,6 +255,8 @@ impl OperationKind {
             OperationKind::EnvironmentUpdate => &["switch_back"],
             // A backup that failed leaves no staging files and is marked failed.
             OperationKind::EnvironmentBackup => &["discard_backup"],
+            // The copy made on the new target goes; the environment serves where it was.
+            OperationKind::EnvironmentMigrate => &["remove_new_copy"],
             // Children still queued or running are cancelled with their parent.
             OperationKind::ReleaseFleetUpdate => &["cancel_children"],
             _ => &[],

@@ -708,6 +708,33 @@ fn monday_of(ms: i64) -> i64 {
     day - i64::from((weekday(day) + 6) % 7)
 }
 
+/// What a user schedules for one environment (kept in its `settings`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentSchedules {
+    /// Overrides the schedule of the manifest's `cron` command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<Schedule>,
+    /// Scheduled backups and how many of them to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<BackupSchedule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSchedule {
+    pub schedule: Schedule,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+}
+
+impl BackupSchedule {
+    pub fn retention(&self) -> Retention {
+        Retention {
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

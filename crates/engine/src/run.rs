@@ -30,6 +30,8 @@ pub struct Context {
 pub struct TaskContext<'a> {
     pub ctx: &'a Context,
     pub op: &'a OperationRecord,
+    /// The task being run (`-` after the tasks, when a failure is recorded).
+    pub task: &'a str,
     /// What earlier tasks of this operation learned.
     pub state: &'a Value,
     pub log: &'a OperationLog,

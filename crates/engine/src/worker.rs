@@ -548,6 +548,7 @@ impl Engine {
             let context = TaskContext {
                 ctx: &self.ctx,
                 op,
+                task: &task.name,
                 state: &state,
                 log,
             };
@@ -685,6 +686,7 @@ impl Engine {
             let context = TaskContext {
                 ctx: &self.ctx,
                 op: &op,
+                task: &task.name,
                 state: &state,
                 log,
             };
@@ -720,6 +722,7 @@ impl Engine {
         let context = TaskContext {
             ctx: &self.ctx,
             op: &op,
+            task: "-",
             state: &state,
             log,
         };

@@ -100,6 +100,13 @@ pub enum Command {
         #[command(subcommand)]
         command: EnvCommand,
     },
+    /// Backups: archives of an environment's database and files (made with `env backup`).
+    Backup {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
     /// Operations: what Hefring does, with their tasks and logs.
     Op {
         #[command(flatten)]
@@ -121,6 +128,10 @@ pub struct ServeArgs {
     /// Operations run at once in this process (0: none; `hefring worker` processes run them).
     #[arg(long, env = "HEFRING_WORKERS", default_value_t = 4)]
     pub workers: usize,
+    /// The scheduler's clock (cron commands, scheduled backups): `system`, or `manual`, where
+    /// only `POST /api/v1/scheduler/tick` moves it (for tests).
+    #[arg(long, env = "HEFRING_SCHEDULER_CLOCK", default_value = "system", value_parser = ["system", "manual"])]
+    pub scheduler_clock: String,
 }
 
 #[derive(Args, Debug)]
@@ -355,6 +366,95 @@ pub enum EnvCommand {
     /// Delete the environment and everything it created on its target.
     Rm {
         environment: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Back up the database and the persistent files into the backup store; the operation's
+    /// result names the backup.
+    Backup {
+        environment: String,
+        /// Why it is taken (at most 200 characters).
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Restore a backup of this environment, or of another of its project, into it (a safety
+    /// backup of what is there is taken first).
+    Restore {
+        environment: String,
+        /// The backup's id (`hefring backup list`).
+        #[arg(long)]
+        backup: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// A new environment running the same release, with a fresh backup of this one restored
+    /// into it.
+    Clone {
+        environment: String,
+        /// The new environment's name.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        domain: String,
+        /// The target (name or id; default: this environment's).
+        #[arg(long)]
+        target: Option<String>,
+        /// Another host name serving the site; repeat for more.
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+        /// Another host name answering 301 to the domain; repeat for more.
+        #[arg(long = "redirect")]
+        redirects: Vec<String>,
+        /// off, on or required (default: this environment's).
+        #[arg(long)]
+        https: Option<String>,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Copy another environment's database and files into this one (a safety backup of what
+    /// is here is taken first), then run this environment's deploy commands.
+    Sync {
+        environment: String,
+        /// The environment to copy from (name or id), of the same project.
+        #[arg(long)]
+        from: String,
+        /// Keep this environment's database; copy the files only.
+        #[arg(long)]
+        no_database: bool,
+        /// Keep this environment's files; copy the database only.
+        #[arg(long)]
+        no_files: bool,
+        #[command(flatten)]
+        follow: Follow,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Backups, newest first.
+    List {
+        /// Only this environment's (name or id).
+        #[arg(long)]
+        env: Option<String>,
+        /// Only this kind: manual, scheduled, safety or copy.
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// One backup, with its manifest.
+    Show { backup: String },
+    /// Save the backup's archive (tar.zst) to a file.
+    Download {
+        backup: String,
+        /// Where to save it (an existing directory: ID.tar.zst in it). Default: ID.tar.zst in
+        /// the current directory.
+        #[arg(short = 'o', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Delete the backup: its archive leaves the store.
+    Rm {
+        backup: String,
         #[command(flatten)]
         follow: Follow,
     },

@@ -2,16 +2,19 @@
 //! as the API's JSON. Exit status: 0 on success, 1 with a one-line error otherwise.
 
 use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use hefring_wire::{Environment, ErrorBody, List, Operation, Project, Release, Target};
+use hefring_wire::{Backup, Environment, ErrorBody, List, Operation, Project, Release, Target};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 
 use crate::cli::{
-    ClientArgs, EnvCommand, OpCommand, Output, ProjectCommand, ReleaseCommand, TargetCommand,
+    BackupCommand, ClientArgs, EnvCommand, OpCommand, Output, ProjectCommand, ReleaseCommand,
+    TargetCommand,
 };
 
 struct Client {
@@ -53,10 +56,7 @@ impl Client {
         let status = response.status();
         let text = response.text().await?;
         if !status.is_success() {
-            if let Ok(body) = serde_json::from_str::<ErrorBody>(&text) {
-                bail!("{} ({})", body.error.message, body.error.code);
-            }
-            bail!("the server answered {status}");
+            return Err(api_error(status, &text));
         }
         Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
@@ -176,6 +176,17 @@ impl Client {
                                 if let Some(error) = &op.error {
                                     line.push_str(&format!(": {error}"));
                                 }
+                                // What it made: `(backup bak_...)`, `(environment env_...)`.
+                                let made: Vec<String> = op
+                                    .result
+                                    .as_object()
+                                    .into_iter()
+                                    .flatten()
+                                    .filter_map(|(k, v)| Some(format!("{k} {}", v.as_str()?)))
+                                    .collect();
+                                if !made.is_empty() {
+                                    line.push_str(&format!(" ({})", made.join(", ")));
+                                }
                                 eprintln!("{line}");
                             }
                         }
@@ -188,6 +199,28 @@ impl Client {
         }
         Err(anyhow!("the log stream ended before the operation did"))
     }
+}
+
+/// The API's error (`{"error": {"message", "code"}}`) as one line.
+fn api_error(status: StatusCode, text: &str) -> anyhow::Error {
+    match serde_json::from_str::<ErrorBody>(text) {
+        Ok(body) => anyhow!("{} ({})", body.error.message, body.error.code),
+        Err(_) => anyhow!("the server answered {status}"),
+    }
+}
+
+/// A value for a query string.
+fn query_value(text: &str) -> String {
+    let mut encoded = String::new();
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                encoded.push(byte as char)
+            }
+            _ => encoded.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    encoded
 }
 
 fn progress_line(op: &Operation) -> String {
@@ -444,15 +477,24 @@ pub async fn release(args: ClientArgs, command: ReleaseCommand) -> Result<i32> {
 impl Client {
     /// An environment given by id or by name (names are unique per project only).
     async fn resolve_environment(&self, given: &str) -> Result<String> {
+        self.resolve_environment_in(given, None).await
+    }
+
+    /// An environment given by id or by name, the name looked up in `project` when given.
+    async fn resolve_environment_in(&self, given: &str, project: Option<&str>) -> Result<String> {
         if given.starts_with("env_") {
             return Ok(given.to_string());
+        }
+        let mut base = "/environments?limit=500".to_string();
+        if let Some(project) = project {
+            base.push_str(&format!("&project={}", query_value(project)));
         }
         let mut found = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
             let path = match &cursor {
-                Some(c) => format!("/environments?limit=500&cursor={c}"),
-                None => "/environments?limit=500".to_string(),
+                Some(c) => format!("{base}&cursor={c}"),
+                None => base.clone(),
             };
             let (list, _): (List<Environment>, _) = self.get(&path).await?;
             found.extend(list.items.into_iter().filter(|e| e.name == given));
@@ -461,10 +503,11 @@ impl Client {
                 None => break,
             }
         }
-        match found.as_slice() {
-            [] => bail!("no environment named {given}"),
-            [one] => Ok(one.id.clone()),
-            many => bail!(
+        match (found.as_slice(), project) {
+            ([], Some(project)) => bail!("no environment named {given} in project {project}"),
+            ([], None) => bail!("no environment named {given}"),
+            ([one], _) => Ok(one.id.clone()),
+            (many, _) => bail!(
                 "{} environments are named {given}: give the id ({})",
                 many.len(),
                 many.iter()
@@ -490,15 +533,7 @@ pub async fn environment(args: ClientArgs, command: EnvCommand) -> Result<i32> {
         } => {
             let project = client.resolve("projects", "prj_", &project).await?;
             let target = client.resolve("targets", "tgt_", &target).await?;
-            let aliases: Vec<Value> = aliases
-                .iter()
-                .map(|d| json!({ "domain": d, "redirect": false }))
-                .chain(
-                    redirects
-                        .iter()
-                        .map(|d| json!({ "domain": d, "redirect": true })),
-                )
-                .collect();
+            let aliases = alias_list(&aliases, &redirects);
             let body = strip_nulls(json!({ "name": name, "project": project, "target": target,
                 "domain": domain, "aliases": aliases, "https": https }));
             let value = client
@@ -622,8 +657,250 @@ pub async fn environment(args: ClientArgs, command: EnvCommand) -> Result<i32> {
                 .await?;
             return client.started(value, follow.follow).await;
         }
+        EnvCommand::Backup {
+            environment,
+            description,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let body = description.map(|d| json!({ "description": d }));
+            let value = client
+                .send(Method::POST, &format!("/environments/{id}/backup"), body)
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Restore {
+            environment,
+            backup,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/environments/{id}/restore"),
+                    Some(json!({ "backup": backup })),
+                )
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Clone {
+            environment,
+            name,
+            domain,
+            target,
+            aliases,
+            redirects,
+            https,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let target = match target {
+                Some(t) => Some(client.resolve("targets", "tgt_", &t).await?),
+                None => None,
+            };
+            let body = strip_nulls(json!({ "name": name, "domain": domain, "target": target,
+                "aliases": alias_list(&aliases, &redirects), "https": https }));
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/environments/{id}/clone"),
+                    Some(body),
+                )
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Sync {
+            environment,
+            from,
+            no_database,
+            no_files,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            // The source is of the same project: its name is looked up there.
+            let (env, _): (Environment, _) = client.get(&format!("/environments/{id}")).await?;
+            let from = client
+                .resolve_environment_in(&from, Some(&env.project))
+                .await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/environments/{id}/sync"),
+                    Some(json!({ "from": from, "database": !no_database, "files": !no_files })),
+                )
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
     }
     Ok(0)
+}
+
+/// An environment's other host names: served ones, then redirecting ones.
+fn alias_list(aliases: &[String], redirects: &[String]) -> Vec<Value> {
+    aliases
+        .iter()
+        .map(|d| json!({ "domain": d, "redirect": false }))
+        .chain(
+            redirects
+                .iter()
+                .map(|d| json!({ "domain": d, "redirect": true })),
+        )
+        .collect()
+}
+
+/// `1536` -> `1.5 KiB`.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut size = bytes as f64;
+    let mut unit = 0;
+    while size >= 1024.0 && unit < UNITS.len() - 1 {
+        size /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ => format!("{size:.1} {}", UNITS[unit]),
+    }
+}
+
+pub async fn backup(args: ClientArgs, command: BackupCommand) -> Result<i32> {
+    let client = Client::new(args);
+    match command {
+        BackupCommand::List { env, kind } => {
+            let mut path = "/backups?limit=500".to_string();
+            if let Some(e) = env {
+                path.push_str(&format!(
+                    "&environment={}",
+                    client.resolve_environment(&e).await?
+                ));
+            }
+            if let Some(k) = kind {
+                path.push_str(&format!("&kind={}", query_value(&k)));
+            }
+            let (list, value): (List<Backup>, _) = client.get(&path).await?;
+            client.print(&value, || {
+                table(
+                    &[
+                        "id",
+                        "environment",
+                        "kind",
+                        "status",
+                        "size",
+                        "created",
+                        "description",
+                    ],
+                    list.items
+                        .into_iter()
+                        .map(|b| {
+                            vec![
+                                b.id,
+                                b.environment,
+                                b.kind,
+                                b.status,
+                                b.size.map(|s| human_size(s as u64)).unwrap_or_default(),
+                                b.created_at,
+                                b.description,
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        BackupCommand::Show { backup } => {
+            let value = client
+                .send(Method::GET, &format!("/backups/{backup}"), None)
+                .await?;
+            client.print(&value, || show_fields(&value));
+        }
+        BackupCommand::Download { backup, file } => {
+            let (record, _): (Backup, _) = client.get(&format!("/backups/{backup}")).await?;
+            let name = format!("{}.tar.zst", record.id);
+            let path = match file {
+                Some(dir) if dir.is_dir() => dir.join(&name),
+                Some(file) => file,
+                None => PathBuf::from(&name),
+            };
+            let size = client
+                .download(
+                    &format!("/backups/{}/download", record.id),
+                    &path,
+                    record.size.map(|s| s as u64),
+                )
+                .await?;
+            let value = json!({ "backup": record.id, "path": path, "size": size,
+                "sha256": record.sha256 });
+            client.print(&value, || println!("{} ({size} bytes)", path.display()));
+        }
+        BackupCommand::Rm { backup, follow } => {
+            let value = client
+                .send(Method::DELETE, &format!("/backups/{backup}"), None)
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+    }
+    Ok(0)
+}
+
+impl Client {
+    /// Streams a download into `path`, atomically: into a temporary file beside it, renamed
+    /// over it once every byte (`expected`, when known) has arrived. Answers the size.
+    async fn download(&self, api_path: &str, path: &Path, expected: Option<u64>) -> Result<u64> {
+        let response = self
+            .request(Method::GET, api_path)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(api_error(status, &text));
+        }
+        let name = path
+            .file_name()
+            .ok_or_else(|| anyhow!("{} names no file", path.display()))?;
+        let temp = path.with_file_name(format!(
+            ".{}.{}.part",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let written = save(response, &temp, expected).await;
+        let renamed = match written {
+            Ok(size) => std::fs::rename(&temp, path)
+                .map(|_| size)
+                .with_context(|| format!("cannot write {}", path.display())),
+            Err(e) => Err(e),
+        };
+        if renamed.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        renamed
+    }
+}
+
+/// Writes a response's body to `temp` (synced to disk); answers its size.
+async fn save(response: reqwest::Response, temp: &Path, expected: Option<u64>) -> Result<u64> {
+    let mut file = tokio::fs::File::create(temp)
+        .await
+        .with_context(|| format!("cannot write {}", temp.display()))?;
+    let mut body = response.bytes_stream();
+    let mut size = 0u64;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("the download was cut short")?;
+        file.write_all(&chunk)
+            .await
+            .with_context(|| format!("cannot write {}", temp.display()))?;
+        size += chunk.len() as u64;
+    }
+    file.sync_all()
+        .await
+        .with_context(|| format!("cannot write {}", temp.display()))?;
+    if let Some(expected) = expected {
+        if size != expected {
+            bail!("the download was cut short: {size} of {expected} bytes");
+        }
+    }
+    Ok(size)
 }
 
 pub async fn op(args: ClientArgs, command: OpCommand) -> Result<i32> {

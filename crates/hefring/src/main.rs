@@ -40,6 +40,7 @@ fn main() {
             Command::Project { client, command } => client::project(client, command).await,
             Command::Release { client, command } => client::release(client, command).await,
             Command::Env { client, command } => client::environment(client, command).await,
+            Command::Backup { client, command } => client::backup(client, command).await,
             Command::Op { client, command } => client::op(client, command).await,
         }
     });

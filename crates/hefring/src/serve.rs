@@ -225,7 +225,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         queue,
         data_dir: dir.clone(),
         backups,
+        manual_clock: args.scheduler_clock == "manual",
     };
+    let scheduler = (!state.manual_clock).then(|| tokio::spawn(schedule(state.clone())));
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -241,7 +243,26 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         worker.abort();
     }
     renewals.abort();
+    if let Some(scheduler) = scheduler {
+        scheduler.abort();
+    }
     Ok(())
+}
+
+/// Runs the scheduler on the system clock, once a second (schedules may name seconds).
+async fn schedule(state: hefring_api::AppState) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        if let Err(e) = hefring_api::scheduler::pass(&state, now).await {
+            tracing::warn!(error = ?e, "a scheduler pass failed");
+        }
+    }
 }
 
 /// `hefring worker`: runs the operations announced on the broker's `--queues`, against the

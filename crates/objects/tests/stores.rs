@@ -1,15 +1,15 @@
 //! One story of what an object store must do, told against a directory and against a real
-//! S3-compatible server: moto in server mode, with IAM authentication switched on, so every
-//! request's Signature Version 4 is checked by an independent implementation (botocore's).
+//! S3-compatible server: moto in server mode (`tests/fixtures/moto`), with IAM authentication
+//! switched on, so every request's Signature Version 4 is checked by an independent
+//! implementation (botocore's).
 
 use std::io::{BufWriter, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use futures::StreamExt;
-use hefring_objects::{open_store, sigv4, ObjectError, ObjectInfo, ObjectStore, S3Credentials, S3};
+use hefring_objects::{open_store, ObjectError, ObjectInfo, ObjectStore, S3Credentials, S3};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1024 * 1024;
@@ -39,9 +39,8 @@ async fn local_dir_story() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_story_against_moto() {
-    let moto = Moto::start().await;
-    let credentials = moto.s3_user().await;
-    moto.require_authentication().await;
+    let moto = Moto::start();
+    let credentials = moto.credentials.clone();
     let scratch = tempfile::tempdir().unwrap();
 
     // A store under a prefix, in us-east-1, with a 70 MiB file to go up in parts.
@@ -433,204 +432,61 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `python3 -m moto.server`, with one bug fixed (getmoto/moto#5948): to check a signature,
-/// moto takes the query from werkzeug's `request.url`, which has decoded `%2F` to `/`, so the
-/// canonical query it computes differs from the one any client signed whenever a value holds a
-/// `/` (boto3 fails there too: `list_objects_v2(Prefix="a/b/")`). AWS encodes the query
-/// again before comparing; so does this.
-const MOTO_SERVER: &str = r#"
-import sys
-from urllib.parse import quote, unquote
-from moto.iam.access_control import IAMRequestBase
-
-assert hasattr(IAMRequestBase, "_create_aws_request"), "moto changed: revisit the patch"
-original = IAMRequestBase._create_aws_request
-
-def encode(text):
-    return quote(unquote(text), safe="-_.~")
-
-def create_aws_request(self):
-    path, question, query = self._path.partition("?")
-    if question:
-        pairs = [pair.partition("=") for pair in query.split("&")]
-        query = "&".join(encode(name) + eq + encode(value) for name, eq, value in pairs)
-        self._path = path + "?" + query
-    return original(self)
-
-IAMRequestBase._create_aws_request = create_aws_request
-
-from moto.server import main
-main(sys.argv[1:])
-"#;
-
-/// moto's S3 (and IAM) on a port of its own, killed when dropped.
+/// moto's S3 (and IAM) on a port of its own, from `tests/fixtures/moto/start.sh --auth`: every
+/// request's signature and the user's policy are checked. Stopped when dropped.
 struct Moto {
     endpoint: String,
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-    http: reqwest::Client,
+    credentials: S3Credentials,
+    dir: tempfile::TempDir,
 }
 
 impl Moto {
-    async fn start() -> Moto {
-        let installed = Command::new("python3")
-            .args(["-c", "import moto.server"])
-            .output();
-        match installed {
-            Ok(output) if output.status.success() => {}
-            Ok(output) => panic!(
-                "moto's server is not installed; run: pip install 'moto[server]' \
-                 (scripts/test installs it)\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            ),
-            Err(error) => panic!(
-                "cannot run python3 ({error}); install Python 3 and run: pip install 'moto[server]'"
-            ),
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("moto.log");
-        let port = free_port();
-        // Its request log goes to a file: an unread pipe would fill and stall it.
-        let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new("python3")
-            .args(["-c", MOTO_SERVER, "-H", "127.0.0.1", "-p"])
-            .arg(port.to_string())
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .expect("starting moto's server with python3");
-        let mut moto = Moto {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            child,
-            log,
-            _dir: dir,
-            http: reqwest::Client::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = moto.child.try_wait().unwrap() {
-                panic!(
-                    "moto exited ({status}) before answering; is 'moto[server]' installed \
-                     (pip install 'moto[server]')?\n{}",
-                    moto.log()
-                );
-            }
-            if moto.http.get(&moto.endpoint).send().await.is_ok() {
-                return moto;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto did not answer within 60 s:\n{}",
-                moto.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// An IAM user allowed everything in S3, and its access key. Done while moto still
-    /// accepts anything, so the setup's own signature does not matter.
-    async fn s3_user(&self) -> S3Credentials {
-        let setup = S3Credentials::new("AKIDSETUP", "setup");
-        self.iam(&setup, &[("Action", "CreateUser"), ("UserName", "hefring")])
-            .await;
-        let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}"#;
-        self.iam(
-            &setup,
-            &[
-                ("Action", "PutUserPolicy"),
-                ("UserName", "hefring"),
-                ("PolicyName", "s3"),
-                ("PolicyDocument", policy),
-            ],
-        )
-        .await;
-        let answer = self
-            .iam(
-                &setup,
-                &[("Action", "CreateAccessKey"), ("UserName", "hefring")],
-            )
-            .await;
-        let between = |open: &str, close: &str| {
-            let start = answer.find(open).expect(&answer) + open.len();
-            let end = start + answer[start..].find(close).expect(&answer);
-            answer[start..end].to_owned()
-        };
-        S3Credentials::new(
-            between("<AccessKeyId>", "</AccessKeyId>"),
-            between("<SecretAccessKey>", "</SecretAccessKey>"),
-        )
-    }
-
-    /// From now on moto checks every request's signature and the user's policy.
-    async fn require_authentication(&self) {
-        let response = self
-            .http
-            .post(format!("{}/moto-api/reset-auth", self.endpoint))
-            .body("0")
-            .send()
-            .await
+    fn start() -> Moto {
+        let dir = tempfile::Builder::new()
+            .prefix("hefring-moto-")
+            .tempdir()
             .unwrap();
-        assert!(response.status().is_success(), "{response:?}");
-    }
-
-    /// An IAM query API call (moto routes it by the service in the credential scope).
-    async fn iam(&self, credentials: &S3Credentials, params: &[(&str, &str)]) -> String {
-        let mut body = String::from("Version=2010-05-08");
-        for (name, value) in params {
-            body.push_str(&format!("&{name}={}", sigv4::uri_encode(value, true)));
-        }
-        let payload = sigv4::sha256_hex(body.as_bytes());
-        let amz_date = sigv4::amz_date(time::OffsetDateTime::now_utc());
-        let host = self.endpoint.trim_start_matches("http://").to_owned();
-        let headers = vec![
-            ("host".to_owned(), host),
-            (
-                "content-type".to_owned(),
-                "application/x-www-form-urlencoded".to_owned(),
-            ),
-            ("x-amz-date".to_owned(), amz_date.clone()),
-        ];
-        let authorization = sigv4::authorization(
-            credentials,
-            &sigv4::Scope {
-                amz_date: &amz_date,
-                region: "us-east-1",
-                service: "iam",
-            },
-            &sigv4::Request {
-                method: "POST",
-                canonical_uri: "/",
-                query: &[],
-                headers: &headers,
-                payload_sha256: &payload,
-            },
+        let out = Command::new("sh")
+            .arg(fixture("start.sh"))
+            .arg("--auth")
+            .arg(dir.path())
+            .output()
+            .expect("running tests/fixtures/moto/start.sh");
+        assert!(
+            out.status.success(),
+            "moto did not start (scripts/test installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        let response = self
-            .http
-            .post(format!("{}/", self.endpoint))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("x-amz-date", amz_date)
-            .header("authorization", authorization)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        let text = response.text().await.unwrap();
-        assert!(status.is_success(), "IAM {params:?}: {status}\n{text}");
-        text
+        let endpoint = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let credentials = std::fs::read_to_string(dir.path().join("credentials")).unwrap();
+        let value = |name: &str| {
+            credentials
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("no {name} from start.sh --auth"))
+                .to_owned()
+        };
+        let credentials = S3Credentials::new(
+            value("HEFRING_S3_ACCESS_KEY_ID"),
+            value("HEFRING_S3_SECRET_ACCESS_KEY"),
+        );
+        Moto {
+            endpoint,
+            credentials,
+            dir,
+        }
     }
+}
+
+fn fixture(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../tests/fixtures/moto/{script}"))
 }
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = Command::new("sh")
+            .arg(fixture("stop.sh"))
+            .arg(self.dir.path())
+            .status();
     }
 }

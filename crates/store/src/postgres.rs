@@ -1009,7 +1009,8 @@ impl Store for PostgresStore {
     async fn update_environment(&self, e: &EnvironmentRecord) -> Result<()> {
         let done = sqlx::query(
             "UPDATE environments SET release_id = $1, domain = $2, aliases = $3, https = $4,
-                status = $5, secrets = $6, resources = $7, settings = $8, updated_at = $9 WHERE id = $10",
+                status = $5, secrets = $6, resources = $7, settings = $8, target_id = $9,
+                updated_at = $10 WHERE id = $11",
         )
         .bind(&e.release_id)
         .bind(&e.domain)
@@ -1019,6 +1020,7 @@ impl Store for PostgresStore {
         .bind(e.secrets.to_string())
         .bind(e.resources.to_string())
         .bind(e.settings.to_string())
+        .bind(&e.target_id)
         .bind(e.updated_at)
         .bind(&e.id)
         .execute(&self.pool)

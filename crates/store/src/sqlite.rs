@@ -861,7 +861,8 @@ impl Store for SqliteStore {
             let done = conn
                 .prepare_cached(
                     "UPDATE environments SET release_id = ?, domain = ?, aliases = ?, https = ?,
-                        status = ?, secrets = ?, resources = ?, settings = ?, updated_at = ? WHERE id = ?",
+                        status = ?, secrets = ?, resources = ?, settings = ?, target_id = ?,
+                        updated_at = ? WHERE id = ?",
                 )?
                 .execute(params![
                     e.release_id,
@@ -872,6 +873,7 @@ impl Store for SqliteStore {
                     e.secrets.to_string(),
                     e.resources.to_string(),
                     e.settings.to_string(),
+                    e.target_id,
                     e.updated_at,
                     e.id
                 ])?;

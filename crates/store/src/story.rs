@@ -412,6 +412,19 @@ pub async fn environments_unique_among_live(store: &dyn Store) {
         .insert_environment(&env("env_4", "prj_b", "live", "b.test"))
         .await
         .unwrap();
+    // A migration moves an environment to another target.
+    let mut moved = live.clone();
+    moved.target_id = "tgt_f".into();
+    store.update_environment(&moved).await.unwrap();
+    assert_eq!(
+        store
+            .get_environment("env_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .target_id,
+        "tgt_f"
+    );
     let mut deleted = live.clone();
     deleted.status = "deleted".into();
     deleted.updated_at = 2;

@@ -417,3 +417,67 @@ pub struct FleetUpdate {
     #[serde(default)]
     pub include_older: bool,
 }
+
+/// An environment's schedules: its cron command's and its scheduled backups'.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Schedules {
+    /// The cron schedule: the environment's override, or else the manifest's (`null`: none).
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// Scheduled backups with their retention (`null`: none).
+    #[serde(default)]
+    pub backups: Option<BackupSchedule>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSchedule {
+    /// A cron schedule (`0 3 * * *`, `@daily`, ...).
+    pub schedule: String,
+    /// Keep the newest scheduled backup of each of the last N days that have backups.
+    pub keep_daily: u32,
+    /// Keep the newest scheduled backup of each of the last N ISO weeks that have backups.
+    pub keep_weekly: u32,
+}
+
+/// What the scheduler knows of an environment: its schedules, where they come from, and the
+/// cron command's last run.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ScheduleStatus {
+    pub cron: Option<String>,
+    /// `environment` (an override), `manifest`, or `null`.
+    pub cron_source: Option<String>,
+    /// The manifest's cron command.
+    pub cron_command: Option<String>,
+    pub backups: Option<BackupSchedule>,
+    /// The last cron operation (its log is the command's output).
+    pub last_cron_run: Option<Operation>,
+    /// Runs skipped because the previous one still ran.
+    pub skipped_cron_runs: u64,
+    pub last_skipped_at: Option<String>,
+}
+
+/// Drive the scheduler's clock (only with `serve --scheduler-clock manual`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerTick {
+    /// ISO 8601 time the scheduler takes as now.
+    pub now: String,
+}
+
+/// What one pass of the scheduler did.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct SchedulerPass {
+    pub started: Vec<Operation>,
+    /// `environment: what` for runs skipped because the previous one still ran.
+    pub skipped: Vec<String>,
+}
+
+/// Move an environment to another server target.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateEnvironment {
+    /// The target's id.
+    pub target: String,
+}

@@ -6,12 +6,12 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use hefring_core::operation::OperationKind;
+use hefring_core::operation::{OperationKind, OperationStatus};
 use hefring_core::IdKind;
-use hefring_store::{BackupFilter, BackupRecord, EnvironmentRecord};
+use hefring_store::{BackupFilter, BackupRecord, EnvironmentRecord, OperationFilter, Page};
 use hefring_wire::{
-    Backup, CloneEnvironment, CreateBackup, ErrorBody, List, Operation, PageQuery, RestoreBackup,
-    SyncEnvironment,
+    Backup, CloneEnvironment, CreateBackup, ErrorBody, List, MigrateEnvironment, Operation,
+    PageQuery, RestoreBackup, SyncEnvironment,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -127,7 +127,10 @@ pub async fn restore(
     let env = load(&state, &id).await?;
     let backup = load_backup(&state, &body.backup)
         .await
-        .map_err(|_| ApiError::invalid("backup", "no backup has this id"))?;
+        .map_err(|e| match e {
+            ApiError::NotFound => ApiError::invalid("backup", "no backup has this id"),
+            other => other,
+        })?;
     if backup.status != "ready" {
         return Err(ApiError::invalid(
             "backup",
@@ -182,6 +185,8 @@ pub async fn clone(
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     let source = load(&state, &id).await?;
     require_deployed(&source, "be cloned")?;
+    // Its backup must not be taken while a deploy, update, restore or migration changes it.
+    refuse_concurrent_change(&state, &source).await?;
     let release = source.release_id.clone().expect("a deployed environment");
     let (record, _) = new_environment(
         &state,
@@ -199,15 +204,24 @@ pub async fn clone(
     )
     .await?;
     state.store.insert_environment(&record).await?;
-    let op = submit(
+    match submit(
         &state,
         OperationKind::EnvironmentClone,
         &record.id,
         json!({ "from": source.id, "release": release }),
         &caller.0,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
+    {
+        Ok(op) => Ok((StatusCode::ACCEPTED, Json(convert::operation(op)))),
+        Err(e) => {
+            // Nothing stays when an error is answered: the new environment goes too.
+            let mut gone = record;
+            gone.status = "deleted".into();
+            let _ = state.store.update_environment(&gone).await;
+            Err(e)
+        }
+    }
 }
 
 /// Copy another environment's database and/or files into this one (a safety backup of what is
@@ -237,11 +251,56 @@ pub async fn sync(
     }
     require_deployed(&env, "be synced")?;
     refuse_concurrent_change(&state, &env).await?;
+    refuse_concurrent_change(&state, &source).await?;
     let op = submit(
         &state,
         OperationKind::EnvironmentSync,
         &env.id,
         json!({ "from": source.id, "database": body.database, "files": body.files }),
+        &caller.0,
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+}
+
+/// Move the environment to another server target: a backup where it runs, a copy deployed on
+/// the new target with the backup restored and its health checked, then the switch and the
+/// removal of the old copy. Any failure before the switch removes the new copy, and the
+/// environment goes on serving where it was.
+#[utoipa::path(post, path = "/api/v1/environments/{id}/migrate", tag = "backups", params(("id" = String, Path)),
+    request_body = MigrateEnvironment,
+    responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn migrate(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    extract::Json(body): extract::Json<MigrateEnvironment>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let env = load(&state, &id).await?;
+    let target = match IdKind::Target.matches(&body.target) {
+        true => state.store.get_target(&body.target).await?,
+        false => None,
+    }
+    .ok_or_else(|| ApiError::invalid("target", "no target has this id"))?;
+    if target.kind != "server" {
+        return Err(ApiError::invalid(
+            "target",
+            "environments run on server targets in this version",
+        ));
+    }
+    if target.id == env.target_id {
+        return Err(ApiError::invalid(
+            "target",
+            "the environment already runs on this target",
+        ));
+    }
+    require_deployed(&env, "be migrated")?;
+    refuse_concurrent_change(&state, &env).await?;
+    let op = submit(
+        &state,
+        OperationKind::EnvironmentMigrate,
+        &env.id,
+        json!({ "target": target.id, "release": env.release_id }),
         &caller.0,
     )
     .await?;
@@ -270,6 +329,14 @@ pub async fn list(
         limit: query.limit,
         cursor: query.cursor.clone(),
     })?;
+    if let Some(kind) = &query.kind {
+        if !["manual", "scheduled", "safety", "copy"].contains(&kind.as_str()) {
+            return Err(ApiError::invalid(
+                "kind",
+                "must be one of manual, scheduled, safety, copy",
+            ));
+        }
+    }
     let filter = BackupFilter {
         environment: query.environment.clone(),
         kind: query.kind.clone(),
@@ -325,6 +392,35 @@ pub async fn download(
         .into_response())
 }
 
+/// A queued or running restore of the backup, if any.
+async fn restore_using(state: &AppState, backup: &str) -> ApiResult<Option<String>> {
+    for status in [OperationStatus::Queued, OperationStatus::Running] {
+        let mut cursor = None;
+        loop {
+            let listed = state
+                .store
+                .list_operations(
+                    &OperationFilter {
+                        status: Some(status),
+                        ..Default::default()
+                    },
+                    &Page { limit: 500, cursor },
+                )
+                .await?;
+            if let Some(op) = listed.items.iter().find(|op| {
+                op.kind == OperationKind::EnvironmentRestore && op.inputs["backup"] == backup
+            }) {
+                return Ok(Some(op.id.clone()));
+            }
+            match listed.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Delete a backup: its archive leaves the store (an operation).
 #[utoipa::path(delete, path = "/api/v1/backups/{id}", tag = "backups", params(("id" = String, Path)),
     responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -338,6 +434,12 @@ pub async fn delete(
         return Err(ApiError::conflict(format!(
             "backup {} is still being made (operation {})",
             backup.id, backup.operation_id
+        )));
+    }
+    if let Some(restore) = restore_using(&state, &backup.id).await? {
+        return Err(ApiError::conflict(format!(
+            "backup {} is being restored (operation {restore})",
+            backup.id
         )));
     }
     let op = submit(

@@ -287,7 +287,11 @@ pub(super) async fn refuse_concurrent_change(
         if let Some(op) = active.items.iter().find(|op| {
             matches!(
                 op.kind,
-                OperationKind::EnvironmentDeploy | OperationKind::EnvironmentUpdate
+                OperationKind::EnvironmentDeploy
+                    | OperationKind::EnvironmentUpdate
+                    | OperationKind::EnvironmentMigrate
+                    | OperationKind::EnvironmentRestore
+                    | OperationKind::EnvironmentSync
             )
         }) {
             return Err(ApiError::DuplicateOperation {

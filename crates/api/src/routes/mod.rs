@@ -5,6 +5,7 @@ mod environments;
 mod operations;
 mod projects;
 mod releases;
+mod schedules;
 mod system;
 mod targets;
 
@@ -67,9 +68,12 @@ fn protected() -> OpenApiRouter<AppState> {
         .routes(routes!(backups::restore))
         .routes(routes!(backups::clone))
         .routes(routes!(backups::sync))
+        .routes(routes!(backups::migrate))
         .routes(routes!(backups::list))
         .routes(routes!(backups::show, backups::delete))
         .routes(routes!(backups::download))
+        .routes(routes!(schedules::show, schedules::set))
+        .routes(routes!(schedules::tick))
         .routes(routes!(operations::list))
         .routes(routes!(operations::show))
         .routes(routes!(operations::log))

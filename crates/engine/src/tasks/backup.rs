@@ -77,7 +77,12 @@ async fn backup_record(
     if let Some(found) = existing.items.into_iter().next() {
         return Ok(found);
     }
-    let now = now_ms();
+    // A scheduled backup is dated by the slot it was scheduled for (the scheduler's clock,
+    // which tests drive), so retention counts days as the schedule does.
+    let now = match (kind, t.op.inputs["scheduled_for"].as_i64()) {
+        ("scheduled", Some(slot)) => slot,
+        _ => now_ms(),
+    };
     let id = new_id(IdKind::Backup, now);
     let record = BackupRecord {
         object_key: backup::object_key(environment, &id),
@@ -562,6 +567,16 @@ async fn make_backup(
     Ok(record)
 }
 
+/// A whole backup of everything (a migration's).
+pub(super) async fn make_full_backup(
+    t: &TaskContext<'_>,
+    site: &Site<'_>,
+    kind: &str,
+    description: &str,
+) -> Result<BackupRecord, TaskError> {
+    make_backup(t, site, kind, description, EVERYTHING).await
+}
+
 // ---------------------------------------------------------------------------------------
 // environment_backup
 
@@ -667,7 +682,69 @@ async fn discard(
 }
 
 // ---------------------------------------------------------------------------------------
-// backup_delete
+// backup_delete and retention
+
+/// Removes the environment's scheduled backups its retention does not keep. Only scheduled
+/// backups are considered: a manual or safety backup is never pruned.
+pub async fn prune_backups(t: &TaskContext<'_>) -> TaskResult {
+    let env = &t.op.subject_id;
+    let policy: hefring_core::schedule::Retention =
+        serde_json::from_value(t.op.inputs["retention"].clone())
+            .map_err(|_| TaskError::new("the operation names no retention"))?;
+    let now = t.op.inputs["now"].as_i64().unwrap_or_else(now_ms);
+    let mut scheduled = Vec::new();
+    let mut cursor = None;
+    loop {
+        let listed = t
+            .ctx
+            .store
+            .list_backups(
+                &BackupFilter {
+                    environment: Some(env.clone()),
+                    kind: Some("scheduled".into()),
+                    status: Some("ready".into()),
+                    ..Default::default()
+                },
+                &Page { limit: 500, cursor },
+            )
+            .await?;
+        scheduled.extend(listed.items);
+        match listed.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    let dated: Vec<(&str, i64)> = scheduled
+        .iter()
+        .map(|b| (b.id.as_str(), b.created_at))
+        .collect();
+    let keep = hefring_core::schedule::retained(&dated, policy, now);
+    let mut removed = 0;
+    for backup in scheduled.iter().filter(|b| !keep.contains(b.id.as_str())) {
+        t.ctx
+            .backups
+            .delete(&backup.object_key)
+            .await
+            .map_err(|e| TaskError(format!("removing {}: {e}", backup.object_key)))?;
+        let mut gone = backup.clone();
+        gone.status = "deleted".into();
+        gone.updated_at = now_ms();
+        t.ctx.store.update_backup(&gone).await?;
+        t.log.info(format!(
+            "removed scheduled backup {} of {}",
+            backup.id,
+            format_ms(backup.created_at)
+        ));
+        removed += 1;
+    }
+    t.log.info(format!(
+        "kept {} scheduled backup(s) (daily {}, weekly {}), removed {removed}",
+        keep.len(),
+        policy.daily,
+        policy.weekly
+    ));
+    Ok(TaskOutput::done())
+}
 
 pub async fn remove_archive(t: &TaskContext<'_>) -> TaskResult {
     let mut record = load_backup(t, &t.op.subject_id).await?;

@@ -35,11 +35,18 @@ async fn load_target(
     t: &TaskContext<'_>,
     env: &EnvironmentRecord,
 ) -> Result<TargetRecord, TaskError> {
+    load_target_id(t, &env.target_id).await
+}
+
+pub(super) async fn load_target_id(
+    t: &TaskContext<'_>,
+    id: &str,
+) -> Result<TargetRecord, TaskError> {
     t.ctx
         .store
-        .get_target(&env.target_id)
+        .get_target(id)
         .await?
-        .ok_or_else(|| TaskError(format!("target {} no longer exists", env.target_id)))
+        .ok_or_else(|| TaskError(format!("target {id} no longer exists")))
 }
 
 pub(super) async fn load_release(
@@ -82,10 +89,18 @@ pub(super) struct Site<'a> {
 }
 
 impl<'a> Site<'a> {
-    /// The operation's subject.
+    /// The operation's subject, on its target (a migration's tasks run on the target it moves
+    /// to, or from: `super::migrate::target_of`).
     pub(super) async fn open(t: &'a TaskContext<'_>) -> Result<Site<'a>, TaskError> {
         let env = load_env(t).await?;
-        Site::on_target(t, env).await
+        match super::migrate::target_of(t, &env) {
+            Some(target) => {
+                let target = load_target_id(t, &target).await?;
+                let server = Server::open(t, target).await?;
+                Ok(Site { env, server })
+            }
+            None => Site::on_target(t, env).await,
+        }
     }
 
     /// Another environment than the operation's subject (the source of a clone or sync).
@@ -437,7 +452,11 @@ pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
         .ok_or_else(|| TaskError(format!("release {} has no artifact", release.id)))?;
     let local_artifact = t.ctx.artifact_path(&sha);
     let manifest = release_manifest(t, &release).await?;
-    let updating = t.op.kind == hefring_core::operation::OperationKind::EnvironmentUpdate;
+    let updating = matches!(
+        t.op.kind,
+        hefring_core::operation::OperationKind::EnvironmentUpdate
+            | hefring_core::operation::OperationKind::EnvironmentMigrate
+    );
     let previous = if updating {
         site.env.release_id.clone()
     } else {
@@ -1018,7 +1037,44 @@ pub async fn switch_release(t: &TaskContext<'_>) -> TaskResult {
     let release = input_release(t)?;
     site.switch_to(&release).await?;
     site.env.release_id = Some(release);
+    // The scheduler reads the served release's cron command here, not from its artifact.
+    site.env.resources["cron"] = json!(manifest(t)?.cron);
     save_env(t, &mut site.env).await?;
+    Ok(TaskOutput::done())
+}
+
+/// Runs the served release's `cron` command in the environment (a scheduled run); its output
+/// is the operation's log.
+pub async fn run_cron_command(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    if !matches!(site.env.status.as_str(), "active" | "disabled") {
+        t.log
+            .info(format!("the environment is {}: not run", site.env.status));
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    let (release, manifest) = served_release(t, &site.env).await?;
+    let Some(cron) = &manifest.cron else {
+        t.log
+            .info(format!("the release's {MANIFEST_FILE} has no cron command"));
+        return Ok(TaskOutput {
+            skipped: true,
+            ..Default::default()
+        });
+    };
+    if let Some(slot) = t.op.inputs["scheduled_for"].as_str() {
+        t.log.info(format!("the run scheduled for {slot}"));
+    }
+    t.log.info(format!("$ {}", cron.command.display()));
+    let spec = site.server.as_web_user(
+        CommandSpec::new(cron.command.argv())
+            .cwd(site.layout().release_dir(site.id(), &release.id))
+            .envs(site.variables(&manifest, &release)),
+    );
+    let code = site.server.run(&spec).await?;
+    crate::run::require_success(code, "the cron command")?;
     Ok(TaskOutput::done())
 }
 
@@ -1272,6 +1328,11 @@ pub async fn remove_server_block(t: &TaskContext<'_>) -> TaskResult {
     let mut site = Site::open(t).await?;
     site.env.status = "deleting".into();
     save_env(t, &mut site.env).await?;
+    remove_server_blocks(&site).await?;
+    Ok(TaskOutput::done())
+}
+
+async fn remove_server_blocks(site: &Site<'_>) -> Result<(), TaskError> {
     let nginx_instance = site.server.nginx();
     site.server
         .remove(&[
@@ -1282,11 +1343,16 @@ pub async fn remove_server_block(t: &TaskContext<'_>) -> TaskResult {
     if site.server.nginx_running().await? {
         site.server.reload_nginx().await?;
     }
-    Ok(TaskOutput::done())
+    Ok(())
 }
 
 pub async fn remove_pool(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
+    remove_pool_of(&site).await?;
+    Ok(TaskOutput::done())
+}
+
+async fn remove_pool_of(site: &Site<'_>) -> Result<(), TaskError> {
     let fpm_instance = site.server.fpm();
     let file = fpm_instance.pool_file(site.id());
     let existed = site.server.read_file(&file).await?.is_some();
@@ -1294,17 +1360,13 @@ pub async fn remove_pool(t: &TaskContext<'_>) -> TaskResult {
     if existed && site.server.fpm_running().await? {
         site.server.reload_fpm().await?;
     }
-    site.server
-        .remove(&[fpm_instance.socket(site.id())])
-        .await?;
-    Ok(TaskOutput::done())
+    site.server.remove(&[fpm_instance.socket(site.id())]).await
 }
 
 pub async fn drop_database(t: &TaskContext<'_>) -> TaskResult {
     let mut site = Site::open(t).await?;
     let kind: Option<DatabaseKind> =
         serde_json::from_value(site.env.resources["database"].clone()).ok();
-    let name = environment::database_name(site.id());
     match kind {
         None | Some(DatabaseKind::None) => {
             t.log.info("the environment has no database");
@@ -1313,38 +1375,8 @@ pub async fn drop_database(t: &TaskContext<'_>) -> TaskResult {
                 ..Default::default()
             });
         }
-        Some(DatabaseKind::Mariadb) => {
-            let sql = format!(
-                "DROP DATABASE IF EXISTS `{name}`;\n\
-                 DROP USER IF EXISTS '{name}'@'localhost';\n\
-                 DROP USER IF EXISTS '{name}'@'%';\n"
-            );
-            run_sql(
-                &site,
-                mariadb_admin(&site),
-                sql,
-                "dropping the MariaDB database",
-            )
-            .await?;
-        }
-        Some(DatabaseKind::Postgresql) => {
-            let sql = format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE);\n\
-                 DROP ROLE IF EXISTS {name};\n"
-            );
-            run_sql(
-                &site,
-                psql_admin(&site),
-                sql,
-                "dropping the PostgreSQL database",
-            )
-            .await?;
-        }
-        Some(DatabaseKind::Sqlite) => {
-            // Its file lives in the environment's directory, removed by remove_files.
-        }
+        Some(kind) => drop_database_of(&site, kind).await?,
     }
-    t.log.info(format!("dropped database and user {name}"));
     site.env.resources = match site.env.resources {
         Value::Object(mut map) => {
             map.remove("database");
@@ -1356,8 +1388,54 @@ pub async fn drop_database(t: &TaskContext<'_>) -> TaskResult {
     Ok(TaskOutput::done())
 }
 
+/// Drops the environment's database and user on the site's target's database server.
+pub(super) async fn drop_database_of(site: &Site<'_>, kind: DatabaseKind) -> Result<(), TaskError> {
+    let name = environment::database_name(site.id());
+    match kind {
+        DatabaseKind::None => return Ok(()),
+        DatabaseKind::Mariadb => {
+            let sql = format!(
+                "DROP DATABASE IF EXISTS `{name}`;\n\
+                 DROP USER IF EXISTS '{name}'@'localhost';\n\
+                 DROP USER IF EXISTS '{name}'@'%';\n"
+            );
+            run_sql(
+                site,
+                mariadb_admin(site),
+                sql,
+                "dropping the MariaDB database",
+            )
+            .await?;
+        }
+        DatabaseKind::Postgresql => {
+            let sql = format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE);\n\
+                 DROP ROLE IF EXISTS {name};\n"
+            );
+            run_sql(
+                site,
+                psql_admin(site),
+                sql,
+                "dropping the PostgreSQL database",
+            )
+            .await?;
+        }
+        // Its file lives in the environment's directory, removed with the files.
+        DatabaseKind::Sqlite => return Ok(()),
+    }
+    site.server
+        .log
+        .info(format!("dropped database and user {name}"));
+    Ok(())
+}
+
 pub async fn remove_files(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
+    remove_files_of(&site).await?;
+    Ok(TaskOutput::done())
+}
+
+async fn remove_files_of(site: &Site<'_>) -> Result<(), TaskError> {
     let layout = site.layout();
     let nginx_instance = site.server.nginx();
     let fpm_instance = site.server.fpm();
@@ -1370,8 +1448,23 @@ pub async fn remove_files(t: &TaskContext<'_>) -> TaskResult {
             format!("{}/{}.error.log", nginx_instance.log_dir(), site.id()),
             fpm_instance.php_error_log(site.id()),
         ])
-        .await?;
-    Ok(TaskOutput::done())
+        .await
+}
+
+/// Removes everything of the environment from the site's target (a migration's old or
+/// abandoned new copy), its database unless `keep_database` (another copy uses the same
+/// database server). The record is left alone.
+pub(super) async fn remove_copy(site: &Site<'_>, keep_database: bool) -> Result<(), TaskError> {
+    remove_server_blocks(site).await?;
+    remove_pool_of(site).await?;
+    if !keep_database {
+        let kind: Option<DatabaseKind> =
+            serde_json::from_value(site.env.resources["database"].clone()).ok();
+        if let Some(kind) = kind {
+            drop_database_of(site, kind).await?;
+        }
+    }
+    remove_files_of(site).await
 }
 
 pub async fn mark_deleted(t: &TaskContext<'_>) -> TaskResult {
@@ -1389,7 +1482,7 @@ pub async fn mark_failed(t: &TaskContext<'_>) -> Result<(), TaskError> {
     use hefring_core::operation::OperationKind as K;
     let mut env = load_env(t).await?;
     let status = match t.op.kind {
-        K::EnvironmentUpdate if env.release_id.is_some() => "active",
+        K::EnvironmentUpdate | K::EnvironmentMigrate if env.release_id.is_some() => "active",
         K::EnvironmentVerify => return Ok(()),
         _ => "failed",
     };

@@ -5,6 +5,7 @@ mod backup;
 mod environment;
 mod fleet;
 mod git;
+mod migrate;
 mod project;
 mod release;
 mod server;
@@ -27,49 +28,71 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::ReleaseBuild, "run_build_commands") => release::run_build_commands(t).await,
         (K::ReleaseBuild, "pack_artifact") => release::pack_artifact(t).await,
         (K::ReleaseBuild, "discard_build") => release::discard_build(t).await,
-        (K::EnvironmentDeploy | K::EnvironmentUpdate | K::EnvironmentClone, "prepare_target") => {
-            environment::prepare_target(t).await
-        }
-        (K::EnvironmentDeploy | K::EnvironmentClone, "create_database") => {
+        (
+            K::EnvironmentDeploy
+            | K::EnvironmentUpdate
+            | K::EnvironmentClone
+            | K::EnvironmentMigrate,
+            "prepare_target",
+        ) => environment::prepare_target(t).await,
+        (K::EnvironmentDeploy | K::EnvironmentClone | K::EnvironmentMigrate, "create_database") => {
             environment::create_database(t).await
         }
-        (K::EnvironmentDeploy | K::EnvironmentClone, "create_files_directory") => {
-            environment::create_files_directory(t).await
-        }
-        (K::EnvironmentDeploy | K::EnvironmentUpdate | K::EnvironmentClone, "unpack_release") => {
-            environment::unpack_release(t).await
-        }
         (
-            K::EnvironmentDeploy | K::EnvironmentRenewCertificate | K::EnvironmentClone,
+            K::EnvironmentDeploy | K::EnvironmentClone | K::EnvironmentMigrate,
+            "create_files_directory",
+        ) => environment::create_files_directory(t).await,
+        (
+            K::EnvironmentDeploy
+            | K::EnvironmentUpdate
+            | K::EnvironmentClone
+            | K::EnvironmentMigrate,
+            "unpack_release",
+        ) => environment::unpack_release(t).await,
+        (
+            K::EnvironmentDeploy
+            | K::EnvironmentRenewCertificate
+            | K::EnvironmentClone
+            | K::EnvironmentMigrate,
             "obtain_certificate",
         ) => environment::obtain_certificate(t).await,
         (K::EnvironmentRenewCertificate, "reload_nginx") => environment::reload_nginx(t).await,
         (K::EnvironmentDisable, "disable_site") => environment::set_enabled(t, false).await,
         (K::EnvironmentEnable, "enable_site") => environment::set_enabled(t, true).await,
         (K::EnvironmentLogin, "run_login_command") => environment::run_login_command(t).await,
-        (K::EnvironmentDeploy | K::EnvironmentClone, "write_pool") => {
+        (K::EnvironmentDeploy | K::EnvironmentClone | K::EnvironmentMigrate, "write_pool") => {
             environment::write_pool(t).await
         }
-        (K::EnvironmentDeploy | K::EnvironmentClone, "write_server_block") => {
-            environment::write_server_block(t).await
-        }
+        (
+            K::EnvironmentDeploy | K::EnvironmentClone | K::EnvironmentMigrate,
+            "write_server_block",
+        ) => environment::write_server_block(t).await,
         (K::EnvironmentDeploy, "run_install_commands") => {
             environment::run_install_commands(t).await
-        }
-        (K::EnvironmentDeploy | K::EnvironmentUpdate | K::EnvironmentClone, "switch_release") => {
-            environment::switch_release(t).await
         }
         (
             K::EnvironmentDeploy
             | K::EnvironmentUpdate
+            | K::EnvironmentClone
+            | K::EnvironmentMigrate,
+            "switch_release",
+        ) => environment::switch_release(t).await,
+        (
+            K::EnvironmentDeploy
+            | K::EnvironmentUpdate
             | K::EnvironmentVerify
-            | K::EnvironmentClone,
+            | K::EnvironmentClone
+            | K::EnvironmentMigrate,
             "check_health",
         ) => environment::check_health(t).await,
         (K::EnvironmentUpdate, "check_preview") => environment::check_preview(t).await,
         (K::EnvironmentUpdate, "dump_database") => environment::dump_database(t).await,
         (
-            K::EnvironmentUpdate | K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync,
+            K::EnvironmentUpdate
+            | K::EnvironmentRestore
+            | K::EnvironmentClone
+            | K::EnvironmentSync
+            | K::EnvironmentMigrate,
             "run_deploy_commands",
         ) => environment::run_deploy_commands(t).await,
         (K::EnvironmentBackup, "dump_database") => backup::dump_database(t).await,
@@ -77,21 +100,39 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::EnvironmentBackup, "store_archive") => backup::store_archive(t).await,
         (K::EnvironmentBackup, "discard_backup") => backup::discard_backup(t).await,
         (K::BackupDelete, "remove_archive") => backup::remove_archive(t).await,
+        (K::EnvironmentPruneBackups, "prune_backups") => backup::prune_backups(t).await,
+        (K::EnvironmentMigrate, "take_backup") => migrate::take_backup(t).await,
+        (K::EnvironmentMigrate, "switch_target") => migrate::switch_target(t).await,
+        (K::EnvironmentMigrate, "remove_old_copy") => migrate::remove_old_copy(t).await,
+        (K::EnvironmentMigrate, "remove_new_copy") => migrate::remove_new_copy(t).await,
+        (K::EnvironmentCron, "run_cron_command") => environment::run_cron_command(t).await,
         (K::EnvironmentRestore | K::EnvironmentSync, "take_safety_backup") => {
             backup::take_safety_backup(t).await
         }
         (K::EnvironmentClone | K::EnvironmentSync, "take_source_backup") => {
             backup::take_source_backup(t).await
         }
-        (K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync, "fetch_backup") => {
-            backup::fetch_backup(t).await
-        }
-        (K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync, "restore_database") => {
-            backup::restore_database(t).await
-        }
-        (K::EnvironmentRestore | K::EnvironmentClone | K::EnvironmentSync, "restore_files") => {
-            backup::restore_files(t).await
-        }
+        (
+            K::EnvironmentRestore
+            | K::EnvironmentClone
+            | K::EnvironmentSync
+            | K::EnvironmentMigrate,
+            "fetch_backup",
+        ) => backup::fetch_backup(t).await,
+        (
+            K::EnvironmentRestore
+            | K::EnvironmentClone
+            | K::EnvironmentSync
+            | K::EnvironmentMigrate,
+            "restore_database",
+        ) => backup::restore_database(t).await,
+        (
+            K::EnvironmentRestore
+            | K::EnvironmentClone
+            | K::EnvironmentSync
+            | K::EnvironmentMigrate,
+            "restore_files",
+        ) => backup::restore_files(t).await,
         (K::EnvironmentUpdate, "prune_releases") => environment::prune_releases(t).await,
         (K::EnvironmentUpdate, "switch_back") => environment::switch_back(t).await,
         (K::EnvironmentVerify, "check_servers") => environment::check_servers(t).await,
@@ -130,6 +171,8 @@ pub async fn after_failure(t: &TaskContext<'_>, error: &str) {
         OperationKind::EnvironmentRestore | OperationKind::EnvironmentSync => {
             backup::clean_up_restore(t).await
         }
+        // Back to active where it was (or, after the switch, where it went).
+        OperationKind::EnvironmentMigrate => environment::mark_failed(t).await,
         // A disable or enable that failed changed nothing the site serves.
         OperationKind::EnvironmentDisable
         | OperationKind::EnvironmentEnable

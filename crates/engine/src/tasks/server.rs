@@ -28,6 +28,38 @@ pub fn tool(target: &TargetRecord, name: &str) -> String {
         .unwrap_or_else(|| name.to_string())
 }
 
+/// Reloads nginx (the command in the arguments after the pid file) and waits, up to 10 s,
+/// until every worker that ran the old configuration has stopped accepting connections (it
+/// shows "shutting down", or is gone): until then a new connection may still meet the old
+/// configuration (a certificate not there yet, a site not yet disabled).
+const RELOAD_AND_WAIT: &str = r#"pidfile=$1; shift
+master=$(cat "$pidfile")
+workers() {
+  for p in $(pgrep -P "$master" 2>/dev/null); do
+    case "$(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)" in
+      *"shutting down"*) ;;
+      *"worker process"*) echo "$p" ;;
+    esac
+  done
+}
+old=$(workers)
+"$@" || exit $?
+i=0
+while [ "$i" -lt 200 ]; do
+  left=""
+  for p in $old; do
+    case "$(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null)" in
+      *"shutting down"*) ;;
+      *"worker process"*) left="$left $p" ;;
+    esac
+  done
+  [ -z "$left" ] && exit 0
+  i=$((i + 1))
+  sleep 0.05
+done
+echo "nginx workers of the old configuration still accept connections after 10 s:$left" >&2
+"#;
+
 pub struct Server<'a> {
     pub exec: Box<dyn Executor>,
     pub target: TargetRecord,
@@ -353,8 +385,10 @@ impl<'a> Server<'a> {
         let nginx = self.nginx();
         let bin = tool(&self.target, "nginx");
         if self.running(&nginx.pid_file()).await? {
-            self.sh_run(&bin, &nginx.argv(&["-s", "reload"]), "reloading nginx")
-                .await
+            let mut args = vec![nginx.pid_file(), bin];
+            args.extend(nginx.argv(&["-s", "reload"]));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.sh("reloading nginx", RELOAD_AND_WAIT, &args).await
         } else {
             self.sh_run(&bin, &nginx.argv(&[]), "starting nginx").await
         }

@@ -217,3 +217,339 @@ async fn the_cli_creates_deploys_shows_and_removes_an_environment() {
         "a deleted environment is not listed by name"
     );
 }
+
+/// What a followed operation made, from its last line on stderr:
+/// `operation op_... succeeded (backup bak_..., ...)`.
+fn made(out: &Output, what: &str) -> String {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .rfind(|l| l.starts_with("operation "))
+        .unwrap_or_else(|| panic!("no operation line in {err}"));
+    let inside = line
+        .split_once(" (")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("nothing made in {line:?}"));
+    inside
+        .split(", ")
+        .find_map(|pair| pair.strip_prefix(what)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {what} in {line:?}"))
+        .to_string()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_backs_up_downloads_restores_syncs_clones_and_removes_backups() {
+    use crate::environments::{
+        add_project, app_repo, build, local_target, page, site_client, target_root,
+    };
+    use serde_json::json;
+    let server = Server::start().await;
+    let root = target_root();
+    let (target, http, _) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let mut envs = Vec::new();
+    for (name, domain) in [("live", "live.test"), ("staging", "staging.test")] {
+        let env = server
+            .create(
+                "/environments",
+                json!({"name": name, "project": project, "target": target, "domain": domain}),
+            )
+            .await;
+        let id = env["id"].as_str().unwrap().to_string();
+        let op = server
+            .start_op(
+                &format!("/environments/{id}/deploy"),
+                Some(json!({"release": release})),
+            )
+            .await;
+        let op = server.wait_op(op["id"].as_str().unwrap()).await;
+        assert_eq!(op["status"], "succeeded", "{op}");
+        envs.push(id);
+    }
+    let live = envs[0].clone();
+    let run = |args: &[&str]| server.command().args(args).output().unwrap();
+    let client = site_client(&["live.test", "staging.test", "copy.test"], http, None);
+    let site = |host: &str| {
+        let client = client.clone();
+        let url = format!("http://{host}:{http}/");
+        async move { page(&client, &url).await.1 }
+    };
+    // The site's state: rows in its SQLite database and an upload.
+    let add_rows = |env: &str, n: usize| {
+        let file = root
+            .path()
+            .join(format!("environments/{env}/database/site.sqlite"));
+        let out = std::process::Command::new("sqlite3")
+            .arg(&file)
+            .arg("INSERT INTO hits VALUES (7);".repeat(n))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let set_upload = |env: &str, text: &str| {
+        std::fs::write(
+            root.path()
+                .join(format!("environments/{env}/files/uploads/kept.txt")),
+            text,
+        )
+        .unwrap();
+    };
+
+    // The first version of live: one row (a first deploy runs the install commands, not the
+    // deploy commands), upload "v1".
+    add_rows(&live, 1);
+    set_upload(&live, "v1");
+    let body = site("live.test").await;
+    assert!(
+        body.contains("rows=1") && body.contains("upload=v1"),
+        "{body}"
+    );
+
+    let out = run(&[
+        "env",
+        "backup",
+        "live",
+        "--description",
+        "before the edit",
+        "--follow",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("store_archive"), "{}", stdout(&out));
+    let first = made(&out, "backup");
+    assert!(first.starts_with("bak_"), "{first}");
+
+    // Listed, by environment name and by kind.
+    let out = run(&["backup", "list", "--env", "live"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = stdout(&out);
+    assert!(listed.starts_with("ID"), "{listed}");
+    let row = listed.lines().find(|l| l.starts_with(&first)).unwrap();
+    for cell in [live.as_str(), "manual", "ready", "before the edit"] {
+        assert!(row.contains(cell), "{cell} in {row}");
+    }
+    let out = run(&["backup", "list", "--env", "staging", "--output", "json"]);
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed["items"], json!([]), "{listed}");
+    let out = run(&["backup", "list", "--kind", "manual", "--output", "json"]);
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+
+    // Shown, with its manifest.
+    let out = run(&["backup", "show", &first, "--output", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(shown["status"], "ready");
+    assert_eq!(shown["manifest"]["database"]["kind"], "sqlite", "{shown}");
+    let out = run(&["backup", "show", &first]);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("sha256") && l.ends_with(shown["sha256"].as_str().unwrap())),
+        "{}",
+        stdout(&out)
+    );
+
+    // Downloaded into the current directory by default, or where -o says; the file is the
+    // archive the backup describes, and no temporary file stays behind.
+    let downloads = tempfile::tempdir().unwrap();
+    let out = server
+        .command()
+        .current_dir(downloads.path())
+        .args(["backup", "download", &first])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let name = format!("{first}.tar.zst");
+    let size = shown["size"].as_u64().unwrap();
+    assert_eq!(stdout(&out).trim(), format!("{name} ({size} bytes)"));
+    let bytes = std::fs::read(downloads.path().join(&name)).unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    assert_eq!(sha256_hex(&bytes), shown["sha256"].as_str().unwrap());
+    let chosen = downloads.path().join("chosen.tar.zst");
+    let out = run(&[
+        "backup",
+        "download",
+        &first,
+        "-o",
+        chosen.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(saved["path"], chosen.to_str().unwrap());
+    assert_eq!(saved["size"], size);
+    assert_eq!(
+        sha256_hex(&std::fs::read(&chosen).unwrap()),
+        shown["sha256"].as_str().unwrap()
+    );
+    let mut files: Vec<String> = std::fs::read_dir(downloads.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, [name, "chosen.tar.zst".to_string()]);
+
+    // Edit, restore, and see the first version (plus the row the deploy command adds).
+    add_rows(&live, 3);
+    set_upload(&live, "v2");
+    let body = site("live.test").await;
+    assert!(
+        body.contains("rows=4") && body.contains("upload=v2"),
+        "{body}"
+    );
+    let out = run(&["env", "restore", "live", "--backup", &first, "-f"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let safety = made(&out, "safety_backup");
+    let body = site("live.test").await;
+    assert!(
+        body.contains("rows=2") && body.contains("upload=v1"),
+        "{body}"
+    );
+    let out = run(&["backup", "list", "--kind", "safety", "--output", "json"]);
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed["items"][0]["id"], safety.as_str(), "{listed}");
+
+    // Files only from live into staging: staging keeps its database (no rows, and one from
+    // the deploy commands a sync runs).
+    set_upload(&live, "v3");
+    let out = run(&[
+        "env",
+        "sync",
+        "staging",
+        "--from",
+        "live",
+        "--no-database",
+        "-f",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let body = site("staging.test").await;
+    assert!(
+        body.contains("rows=1") && body.contains("upload=v3"),
+        "{body}"
+    );
+
+    // A clone on the target named by name.
+    let out = run(&[
+        "env",
+        "clone",
+        "live",
+        "--name",
+        "copy",
+        "--domain",
+        "copy.test",
+        "--target",
+        "web",
+        "--follow",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let copy = made(&out, "environment");
+    let out = run(&["env", "show", "copy", "--output", "json"]);
+    let shown_copy: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(shown_copy["id"], copy.as_str());
+    assert_eq!(shown_copy["status"], "active");
+    let body = site("copy.test").await;
+    assert!(
+        body.contains("rows=3") && body.contains("upload=v3"),
+        "{body}"
+    );
+
+    // Removed: its archive leaves the store, and it is no longer shown or restorable.
+    let stored = server
+        .data_dir()
+        .join(format!("backups/backups/{live}/{first}.tar.zst"));
+    assert!(stored.is_file(), "{}", stored.display());
+    let out = run(&["backup", "rm", &first, "--follow"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(!stored.exists());
+    let out = run(&["backup", "show", &first]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).trim(), "error: no such resource (not_found)");
+
+    // Bad input: one line with the API's message, exit 1, nothing started.
+    let (_, before) = server.get("/operations?limit=500").await;
+    let refusals: [(&[&str], &str); 11] = [
+        (
+            &["env", "backup", "live", "--description", "a\nb"],
+            "description: at most 200 characters, without control characters (invalid_field)",
+        ),
+        (
+            &["env", "restore", "live", "--backup", &first],
+            "backup: no backup has this id (invalid_field)",
+        ),
+        (
+            &["env", "restore", "live", "--backup", "bak_nope", "-f"],
+            "backup: no backup has this id (invalid_field)",
+        ),
+        (
+            &[
+                "env",
+                "clone",
+                "live",
+                "--name",
+                "again",
+                "--domain",
+                "staging.test",
+            ],
+            "domain: staging.test is already served by environment",
+        ),
+        (
+            &[
+                "env", "clone", "live", "--name", "x", "--domain", "x.test", "--target", "nope",
+            ],
+            "error: no target named nope",
+        ),
+        (
+            &["env", "sync", "live", "--from", "live"],
+            "from: an environment cannot sync from itself (invalid_field)",
+        ),
+        (
+            &[
+                "env",
+                "sync",
+                "staging",
+                "--from",
+                "live",
+                "--no-database",
+                "--no-files",
+            ],
+            "database: a sync copies the database, the files or both",
+        ),
+        (
+            &["backup", "list", "--env", "nope"],
+            "error: no environment named nope",
+        ),
+        (
+            &["backup", "show", "bak_nope"],
+            "error: no such resource (not_found)",
+        ),
+        (
+            &["backup", "download", &first, "-o", "/tmp"],
+            "error: no such resource (not_found)",
+        ),
+        (
+            &["backup", "rm", "bak_nope", "--follow"],
+            "error: no such resource (not_found)",
+        ),
+    ];
+    for (args, message) in refusals {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(message),
+            "{args:?}: {err}"
+        );
+    }
+    let (_, after) = server.get("/operations?limit=500").await;
+    assert_eq!(before["items"], after["items"]);
+    assert!(!std::path::Path::new(&format!("/tmp/{first}.tar.zst")).exists());
+}

@@ -205,4 +205,9 @@ async fn a_fleet_update_goes_canary_first_then_in_bounded_parallel_and_stops_on_
         .post("/releases/rel_nope/fleet-update", json!({"to": release2}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // The scheduler's clock is the system's unless `serve --scheduler-clock manual`.
+    let (status, _) = server
+        .post("/scheduler/tick", json!({"now": "2030-01-01T00:00:00Z"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -560,6 +560,220 @@ async fn mediawiki_from_debian_is_deployed_over_http_and_https_updated_rolled_ba
     eprintln!("  {deploy_timing}\n  {update_timing}");
 }
 
+/// Saves Main_Page's wikitext as an anonymous editor, through MediaWiki's action API.
+async fn edit_main_page(client: &reqwest::Client, base: &str, text: &str) {
+    let response = client
+        .post(format!("{base}/api.php"))
+        .form(&[
+            ("action", "edit"),
+            ("title", "Main_Page"),
+            ("text", text),
+            ("summary", "hefring test"),
+            ("token", "+\\"),
+            ("format", "json"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let body = response.text().await.unwrap();
+    assert!(
+        body.contains("\"result\":\"Success\""),
+        "editing Main_Page: {body:.2000}"
+    );
+}
+
+/// Main_Page's wikitext as MediaWiki serves it.
+async fn main_page_text(client: &reqwest::Client, base: &str) -> String {
+    let (status, body) = page(
+        client,
+        &format!("{base}/index.php?title=Main_Page&action=raw"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body:.2000}");
+    body
+}
+
+async fn run_ok(server: &Server, path: &str, body: Option<Value>) -> Value {
+    let op = server.start_op(path, body).await;
+    let id = op["id"].as_str().unwrap().to_string();
+    let done = server.wait_op(&id).await;
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "{done}\n{}",
+        server.log_text(&id).await
+    );
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mediawiki_pages_are_backed_up_restored_cloned_synced_and_disabled() {
+    ensure_mariadb();
+    let repo = WikiRepo::clone_fixture();
+    let server = Server::start().await;
+    let _scratch = FastScratch::for_server(&server);
+    let root = crate::environments::target_root_in(&fast_dir());
+    let (target, http, _) = local_target(&server, "web", root.path()).await;
+    let project = server
+        .create("/projects", json!({"name": "wiki", "git_url": repo.url()}))
+        .await;
+    let project = project["id"].as_str().unwrap().to_string();
+    let release = built(&server, &start_build(&server, &project, "main").await).await;
+    let mut envs = Vec::new();
+    let mut cleanup = Vec::new();
+    for (name, domain) in [("live", "wiki-live.test"), ("staging", "wiki-staging.test")] {
+        let env = server
+            .create(
+                "/environments",
+                json!({"name": name, "project": project, "target": target, "domain": domain}),
+            )
+            .await;
+        let id = env["id"].as_str().unwrap().to_string();
+        cleanup.push(DropDatabase(format!(
+            "hf_{}",
+            id.trim_start_matches("env_").to_lowercase()
+        )));
+        let (op, log) = run_env_op(&server, &id, "deploy", &release).await;
+        assert_eq!(op["status"], "succeeded", "{op}\n{log}");
+        envs.push(id);
+    }
+    let (live, staging) = (envs[0].clone(), envs[1].clone());
+    let client = site_client(
+        &["wiki-live.test", "wiki-staging.test", "wiki-copy.test"],
+        http,
+        None,
+    );
+    let base = |host: &str| format!("http://{host}:{http}");
+    let (live_url, staging_url) = (base("wiki-live.test"), base("wiki-staging.test"));
+
+    // Edit, back up, edit again, restore: the first edit is back.
+    edit_main_page(&client, &live_url, "First version, before the backup.").await;
+    assert_eq!(
+        main_page_text(&client, &live_url).await,
+        "First version, before the backup."
+    );
+    let op = run_ok(
+        &server,
+        &format!("/environments/{live}/backup"),
+        Some(json!({"description": "first"})),
+    )
+    .await;
+    let first = op["result"]["backup"].as_str().unwrap().to_string();
+    let (_, backup) = server.get(&format!("/backups/{first}")).await;
+    assert!(
+        backup["manifest"]["database"]["tables"].as_u64().unwrap() > 50,
+        "{backup}"
+    );
+    edit_main_page(&client, &live_url, "Second version, after the backup.").await;
+    assert_eq!(
+        main_page_text(&client, &live_url).await,
+        "Second version, after the backup."
+    );
+    run_ok(
+        &server,
+        &format!("/environments/{live}/restore"),
+        Some(json!({"backup": first})),
+    )
+    .await;
+    assert_eq!(
+        main_page_text(&client, &live_url).await,
+        "First version, before the backup."
+    );
+
+    // Production's backup into staging.
+    assert!(main_page_text(&client, &staging_url)
+        .await
+        .contains(FIXTURE_TEXT));
+    run_ok(
+        &server,
+        &format!("/environments/{staging}/restore"),
+        Some(json!({"backup": first})),
+    )
+    .await;
+    assert_eq!(
+        main_page_text(&client, &staging_url).await,
+        "First version, before the backup."
+    );
+
+    // A clone on a new domain shows the same content there.
+    let op = run_ok(
+        &server,
+        &format!("/environments/{live}/clone"),
+        Some(json!({"name": "copy", "domain": "wiki-copy.test"})),
+    )
+    .await;
+    let copy = op["result"]["environment"].as_str().unwrap().to_string();
+    cleanup.push(DropDatabase(format!(
+        "hf_{}",
+        copy.trim_start_matches("env_").to_lowercase()
+    )));
+    let copy_url = base("wiki-copy.test");
+    assert_eq!(
+        main_page_text(&client, &copy_url).await,
+        "First version, before the backup."
+    );
+    let (status, body) = page(&client, &format!("{copy_url}/index.php?title=Main_Page")).await;
+    assert_eq!(status, StatusCode::OK, "{body:.2000}");
+    assert!(
+        body.contains("First version, before the backup."),
+        "{body:.2000}"
+    );
+
+    // Sync the files only: staging gets live's upload and keeps its own pages.
+    edit_main_page(&client, &staging_url, "Staging's own version.").await;
+    let upload = root
+        .path()
+        .join(format!("environments/{live}/files/images/hefring-sync.txt"));
+    std::fs::write(&upload, "uploaded on live\n").unwrap();
+    let op = run_ok(
+        &server,
+        &format!("/environments/{staging}/sync"),
+        Some(json!({"from": live, "database": false, "files": true})),
+    )
+    .await;
+    assert_eq!(task_status(&op, "restore_database"), "skipped", "{op}");
+    let (status, body) = page(&client, &format!("{staging_url}/images/hefring-sync.txt")).await;
+    assert_eq!(status, StatusCode::OK, "{body:.500}");
+    assert_eq!(body, "uploaded on live\n");
+    assert_eq!(
+        main_page_text(&client, &staging_url).await,
+        "Staging's own version."
+    );
+
+    // Disabled: every path answers 503; enabled: the page again. A new connection per request:
+    // an idle keep-alive connection may belong to an nginx worker of the configuration before
+    // (it closes such connections as it shuts down, but a request can cross that close).
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
+        .resolve(
+            "wiki-live.test",
+            std::net::SocketAddr::from(([127, 0, 0, 1], http)),
+        )
+        .build()
+        .unwrap();
+    run_ok(&server, &format!("/environments/{live}/disable"), None).await;
+    for path in [
+        "/",
+        "/index.php?title=Main_Page",
+        "/api.php",
+        "/images/hefring-sync.txt",
+        "/no/such/page",
+    ] {
+        let (status, body) = page(&client, &format!("{live_url}{path}")).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{path}: {body:.500}"
+        );
+    }
+    run_ok(&server, &format!("/environments/{live}/enable"), None).await;
+    assert_eq!(
+        main_page_text(&client, &live_url).await,
+        "First version, before the backup."
+    );
+}
+
 /// tmpfs when the machine has one, else the temporary directory.
 fn fast_dir() -> PathBuf {
     let shm = Path::new("/dev/shm");

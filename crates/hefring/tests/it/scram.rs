@@ -313,6 +313,58 @@ async fn generated_postgresql_passwords_work_under_scram_and_no_admin_secret_lea
         "the site's install command made its table as the environment's role"
     );
 
+    // Back up (pg_dump, checked against the catalog), change the data, restore: the rows are
+    // as they were (plus the one the deploy command adds), and the restored table still
+    // belongs to the environment's role.
+    let op = server
+        .start_op(&format!("/environments/{env_id}/backup"), None)
+        .await;
+    let op = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(
+        op["status"],
+        "succeeded",
+        "{op}\n{}",
+        server.log_text(op["id"].as_str().unwrap()).await
+    );
+    let backup = op["result"]["backup"].as_str().unwrap().to_string();
+    let (_, shown) = server.get(&format!("/backups/{backup}")).await;
+    assert_eq!(
+        shown["manifest"]["database"]["kind"], "postgresql",
+        "{shown}"
+    );
+    assert_eq!(shown["manifest"]["database"]["tables"], 1, "{shown}");
+    let out = cluster.psql(
+        &name,
+        &password,
+        &name,
+        "INSERT INTO hits VALUES (1), (2), (3)",
+    );
+    check(out, "inserting rows as the site");
+    let (_, body) = page(&client, &format!("http://pg.test:{http}/")).await;
+    assert!(body.contains("rows=3"), "{body}");
+    let op = server
+        .start_op(
+            &format!("/environments/{env_id}/restore"),
+            Some(json!({"backup": backup})),
+        )
+        .await;
+    let op = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(
+        op["status"],
+        "succeeded",
+        "{op}\n{}",
+        server.log_text(op["id"].as_str().unwrap()).await
+    );
+    let (_, body) = page(&client, &format!("http://pg.test:{http}/")).await;
+    assert!(body.contains("rows=1"), "{body}");
+    let out = cluster.psql(
+        "postgres",
+        &cluster.password,
+        &name,
+        "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'hits'",
+    );
+    assert_eq!(check(out, "the restored table").trim(), name);
+
     // Delete: the role and the database are gone from the cluster.
     let (status, op) = server
         .call(
@@ -371,7 +423,13 @@ async fn generated_postgresql_passwords_work_under_scram_and_no_admin_secret_lea
         );
         seen_kinds.push(op["kind"].as_str().unwrap_or_default().to_string());
     }
-    for kind in ["environment_deploy", "environment_delete", "target_verify"] {
+    for kind in [
+        "environment_deploy",
+        "environment_backup",
+        "environment_restore",
+        "environment_delete",
+        "target_verify",
+    ] {
         assert!(
             seen_kinds.iter().any(|k| k == kind),
             "{kind} in {seen_kinds:?}"
