@@ -420,3 +420,95 @@ head -n 20 "$f" > "$f.cut" && mv "$f.cut" "$f"
         .collect();
     assert!(work.is_empty(), "{work:?}");
 }
+
+/// The process dies at each task of a backup, then of a restore, in turn: after a restart
+/// each operation resumes at that task, finishes, and leaves one backup record, ready, and no
+/// working files.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_and_restores_resume_after_a_crash_at_any_task() {
+    use crate::harness::attempts;
+    let backup_tasks = ["dump_database", "pack_archive", "store_archive"];
+    let restore_tasks = [
+        "take_safety_backup",
+        "fetch_backup",
+        "restore_database",
+        "restore_files",
+        "run_deploy_commands",
+    ];
+    let root = target_root();
+    let mut server = Server::start().await;
+    let (target, http, _) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = new_env(&server, &project, &target, "live", "crash.test").await;
+    run_ok(
+        &server,
+        &format!("/environments/{env}/deploy"),
+        Some(json!({"release": release})),
+    )
+    .await;
+    let client = site_client(&["crash.test"], http, None);
+    let mut first = None;
+    for (kind, tasks) in [
+        ("backup", &backup_tasks[..]),
+        ("restore", &restore_tasks[..]),
+    ] {
+        for (index, crash_at) in tasks.iter().enumerate() {
+            set_upload(root.path(), &env, &format!("{kind}-{crash_at}"));
+            server.kill9();
+            server.restart(&[("HEFRING_FAULT_CRASH_AT", crash_at)]);
+            let body = match (kind, &first) {
+                ("restore", Some(backup)) => Some(json!({"backup": backup})),
+                _ => None,
+            };
+            let op = server
+                .start_op(&format!("/environments/{env}/{kind}"), body)
+                .await;
+            let id = op["id"].as_str().unwrap().to_string();
+            assert!(
+                !server.wait_exit().success(),
+                "the injected crash at {crash_at} did not happen"
+            );
+            server.restart(&[]);
+            let done = server.wait_op(&id).await;
+            assert_eq!(
+                done["status"],
+                "succeeded",
+                "{kind}, crash at {crash_at}: {done}\n{}",
+                server.log_text(&id).await
+            );
+            let counted: Vec<u64> = attempts(&done).into_iter().map(|(_, n)| n).collect();
+            let expected: Vec<u64> = (0..tasks.len())
+                .map(|i| if i == index { 2 } else { 1 })
+                .collect();
+            assert_eq!(counted, expected, "{kind}, crash at {crash_at}: {done}");
+            if kind == "backup" {
+                first.get_or_insert(done["result"]["backup"].as_str().unwrap().to_string());
+            } else {
+                // The first backup's upload is back.
+                let (_, body) = page(&client, &format!("http://crash.test:{http}/")).await;
+                assert!(body.contains("upload=backup-dump_database"), "{body}");
+            }
+        }
+    }
+    // One backup per backup operation and one safety backup per restore, all ready.
+    let (_, listed) = server.get(&format!("/backups?environment={env}")).await;
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(
+        items.len(),
+        backup_tasks.len() + restore_tasks.len(),
+        "{listed}"
+    );
+    assert!(items.iter().all(|b| b["status"] == "ready"), "{listed}");
+    let stored = std::fs::read_dir(server.data_dir().join(format!("backups/backups/{env}")))
+        .unwrap()
+        .count();
+    assert_eq!(stored, items.len());
+    let work: Vec<_> = std::fs::read_dir(root.path().join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(work.is_empty(), "{work:?}");
+}
