@@ -24,6 +24,14 @@ pub struct Context {
     pub backups: Arc<dyn hefring_objects::ObjectStore>,
     /// Where operations that tasks start (a fleet update's children) are announced.
     pub queue: Arc<dyn hefring_queue::Queue>,
+    /// Where release artifacts are shared between machines (`--artifact-store`); `None`:
+    /// only this machine's `DATA_DIR/artifacts` (shared, if at all, as a directory).
+    pub artifacts: Option<Arc<dyn hefring_objects::ObjectStore>>,
+}
+
+/// An artifact's key in the artifact store.
+pub fn artifact_key(sha256: &str) -> String {
+    format!("artifacts/{sha256}.tar.zst")
 }
 
 /// One task's view of its operation.
@@ -103,6 +111,34 @@ impl Context {
         self.data_dir
             .join("artifacts")
             .join(format!("{sha256}.tar.zst"))
+    }
+
+    /// The artifact on this machine, fetched from the artifact store when another machine
+    /// built it.
+    pub async fn local_artifact(&self, sha256: &str) -> Result<PathBuf, TaskError> {
+        let path = self.artifact_path(sha256);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(path);
+        }
+        let Some(store) = &self.artifacts else {
+            return Err(TaskError(format!(
+                "the artifact {} is not on this machine (give every worker the same --artifact-store, or share DATA_DIR/artifacts)",
+                path.display()
+            )));
+        };
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        store
+            .get_to_file(&artifact_key(sha256), &path)
+            .await
+            .map_err(|e| {
+                TaskError(format!(
+                    "fetching the artifact from {}: {e}",
+                    store.describe()
+                ))
+            })?;
+        Ok(path)
     }
 
     /// How to run commands on `target`.

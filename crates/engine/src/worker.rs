@@ -59,6 +59,8 @@ pub struct EngineConfig {
     pub max_redeliveries: i64,
     /// Where backups are kept; `None`: `DATA_DIR/backups`.
     pub backups: Option<Arc<dyn hefring_objects::ObjectStore>>,
+    /// Where release artifacts are shared between machines; `None`: this machine only.
+    pub artifacts: Option<Arc<dyn hefring_objects::ObjectStore>>,
 }
 
 impl EngineConfig {
@@ -76,6 +78,7 @@ impl EngineConfig {
             events: None,
             max_redeliveries: 5,
             backups: None,
+            artifacts: None,
         }
     }
 }
@@ -124,6 +127,7 @@ impl Engine {
                     .map_err(std::io::Error::other)?,
                 },
                 queue: queue.clone(),
+                artifacts: config.artifacts.clone(),
             },
             queue,
             config,

@@ -187,6 +187,11 @@ pub struct EngineArgs {
     /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY). Default: DATA_DIR/backups.
     #[arg(long, env = "HEFRING_BACKUP_STORE")]
     pub backup_store: Option<String>,
+    /// Where release artifacts are shared, so that any worker can deploy what another built:
+    /// a directory every worker reaches or an S3-compatible store (same syntax and
+    /// credentials as --backup-store). Default: none (each machine's DATA_DIR/artifacts).
+    #[arg(long, env = "HEFRING_ARTIFACT_STORE")]
+    pub artifact_store: Option<String>,
     /// Renew HTTPS certificates this many days before they end.
     #[arg(long, env = "HEFRING_CERTIFICATE_RENEW_DAYS", default_value_t = 30)]
     pub certificate_renew_days: u64,
@@ -290,6 +295,26 @@ pub enum ReleaseCommand {
     },
     Show {
         release: String,
+    },
+    /// Update every environment running this release to another one of the project, by
+    /// child operations: one environment first (a canary), then the rest at most
+    /// `--parallelism` at a time.
+    FleetUpdate {
+        release: String,
+        /// The release to update to (ready, of the same project).
+        #[arg(long, value_name = "RELEASE")]
+        to: String,
+        /// Updates at once after the canary (1 to 50; default 1).
+        #[arg(long, value_name = "N")]
+        parallelism: Option<u32>,
+        /// Failed updates tolerated before the rest are not started (default 0).
+        #[arg(long, value_name = "N")]
+        max_failures: Option<u32>,
+        /// Also the project's environments on releases older than `--to`.
+        #[arg(long)]
+        include_older: bool,
+        #[command(flatten)]
+        follow: Follow,
     },
 }
 
@@ -429,6 +454,41 @@ pub enum EnvCommand {
         #[command(flatten)]
         follow: Follow,
     },
+    /// Move the environment to another server target: a backup where it runs, a copy on the
+    /// new target with the backup restored, then the switch and the removal of the old copy.
+    Migrate {
+        environment: String,
+        /// The target to move to (name or id).
+        #[arg(long)]
+        target: String,
+        #[command(flatten)]
+        follow: Follow,
+    },
+    /// Show the environment's schedules (cron, scheduled backups, the last cron run); with
+    /// flags, change them (what no flag names stays as it is).
+    Schedule {
+        environment: String,
+        /// Run the manifest's cron command on this schedule instead of the manifest's.
+        #[arg(long, value_name = "SCHEDULE")]
+        cron: Option<String>,
+        /// Drop the cron override: the manifest's schedule applies again.
+        #[arg(long, conflicts_with = "cron")]
+        no_cron_override: bool,
+        /// Back up on this schedule (`0 3 * * *`, `@daily`, ...).
+        #[arg(long, value_name = "SCHEDULE")]
+        backups: Option<String>,
+        /// Scheduled backups kept: the newest of each of the last N days (default: as now,
+        /// or 0 for a new backup schedule).
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<u32>,
+        /// Scheduled backups kept: the newest of each of the last N ISO weeks (default: as
+        /// now, or 0 for a new backup schedule).
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<u32>,
+        /// No scheduled backups (the backups already taken stay).
+        #[arg(long, conflicts_with_all = ["backups", "keep_daily", "keep_weekly"])]
+        no_backups: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -467,6 +527,9 @@ pub enum OpCommand {
         subject: Option<String>,
         #[arg(long)]
         status: Option<String>,
+        /// Only the children of this operation (a fleet update's environment updates).
+        #[arg(long, value_name = "OPERATION")]
+        parent: Option<String>,
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::StreamExt;
-use hefring_wire::{Backup, Environment, ErrorBody, List, Operation, Project, Release, Target};
+use hefring_wire::{
+    Backup, BackupSchedule, Environment, ErrorBody, List, Operation, Project, Release,
+    ScheduleStatus, Target,
+};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
@@ -110,6 +113,11 @@ impl Client {
 
     /// Streams an operation's log until it ends; the exit code says how it ended.
     async fn follow(&self, id: &str) -> Result<i32> {
+        Ok(exit_code(&self.follow_to_end(id).await?))
+    }
+
+    /// Streams an operation's log until it ends; answers the operation as it ended.
+    async fn follow_to_end(&self, id: &str) -> Result<Operation> {
         let response = self
             .request(Method::GET, &format!("/operations/{id}/log"))
             .header("accept", "text/event-stream")
@@ -190,7 +198,7 @@ impl Client {
                                 eprintln!("{line}");
                             }
                         }
-                        return Ok(if op.status == "succeeded" { 0 } else { 1 });
+                        return Ok(op);
                     }
                     _ => {}
                 }
@@ -198,6 +206,15 @@ impl Client {
             }
         }
         Err(anyhow!("the log stream ended before the operation did"))
+    }
+}
+
+/// A followed operation's exit code: 0 only when it succeeded.
+fn exit_code(op: &Operation) -> i32 {
+    if op.status == "succeeded" {
+        0
+    } else {
+        1
     }
 }
 
@@ -470,8 +487,54 @@ pub async fn release(args: ClientArgs, command: ReleaseCommand) -> Result<i32> {
                 .await?;
             client.print(&value, || show_fields(&value));
         }
+        ReleaseCommand::FleetUpdate {
+            release,
+            to,
+            parallelism,
+            max_failures,
+            include_older,
+            follow,
+        } => {
+            let body = strip_nulls(json!({ "to": to, "parallelism": parallelism,
+                "max_failures": max_failures, "include_older": include_older }));
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/releases/{release}/fleet-update"),
+                    Some(body),
+                )
+                .await?;
+            if !follow.follow {
+                return client.started(value, false).await;
+            }
+            let op: Operation = serde_json::from_value(value)?;
+            let done = client.follow_to_end(&op.id).await?;
+            if client.output == Output::Table {
+                fleet_table(&done);
+            }
+            return Ok(exit_code(&done));
+        }
     }
     Ok(0)
+}
+
+/// A fleet update's outcome, one line per environment: its id, how its update ended and the
+/// child operation that updated it (`-` when none started).
+fn fleet_table(op: &Operation) {
+    let rows = op.result["environments"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(env, outcome)| {
+            let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+            vec![
+                env.clone(),
+                text(&outcome["status"]),
+                text(&outcome["operation"]),
+            ]
+        })
+        .collect();
+    table(&["environment", "status", "operation"], rows);
 }
 
 impl Client {
@@ -732,8 +795,178 @@ pub async fn environment(args: ClientArgs, command: EnvCommand) -> Result<i32> {
                 .await?;
             return client.started(value, follow.follow).await;
         }
+        EnvCommand::Migrate {
+            environment,
+            target,
+            follow,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let target = client.resolve("targets", "tgt_", &target).await?;
+            let value = client
+                .send(
+                    Method::POST,
+                    &format!("/environments/{id}/migrate"),
+                    Some(json!({ "target": target })),
+                )
+                .await?;
+            return client.started(value, follow.follow).await;
+        }
+        EnvCommand::Schedule {
+            environment,
+            cron,
+            no_cron_override,
+            backups,
+            keep_daily,
+            keep_weekly,
+            no_backups,
+        } => {
+            let id = client.resolve_environment(&environment).await?;
+            let path = format!("/environments/{id}/schedules");
+            let change = ScheduleChange {
+                cron: match (cron, no_cron_override) {
+                    (Some(schedule), _) => Change::Set(schedule),
+                    (None, true) => Change::Remove,
+                    (None, false) => Change::Keep,
+                },
+                backups: if no_backups {
+                    Change::Remove
+                } else if backups.is_some() || keep_daily.is_some() || keep_weekly.is_some() {
+                    Change::Set(BackupsChange {
+                        schedule: backups,
+                        keep_daily,
+                        keep_weekly,
+                    })
+                } else {
+                    Change::Keep
+                },
+            };
+            let value = if change.is_none() {
+                client.send(Method::GET, &path, None).await?
+            } else {
+                // The PUT sets both fields: what no flag names is sent as it is now.
+                let current = match change.is_whole() {
+                    true => None,
+                    false => Some(client.get::<ScheduleStatus>(&path).await?.0),
+                };
+                let body = change.body(current.as_ref())?;
+                client.send(Method::PUT, &path, Some(body)).await?
+            };
+            let status: ScheduleStatus = serde_json::from_value(value.clone())?;
+            client.print(&value, || schedule_table(&status));
+        }
     }
     Ok(0)
+}
+
+/// What `env schedule` does to one of the two fields.
+enum Change<T> {
+    /// Leave it as it is.
+    Keep,
+    /// Drop it (`null`): for cron, the override (the manifest's schedule applies again).
+    Remove,
+    Set(T),
+}
+
+/// The parts of a backup schedule given; those not given are kept from the current one.
+struct BackupsChange {
+    schedule: Option<String>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+}
+
+/// What `env schedule` was asked to change.
+struct ScheduleChange {
+    cron: Change<String>,
+    backups: Change<BackupsChange>,
+}
+
+impl ScheduleChange {
+    fn is_none(&self) -> bool {
+        matches!((&self.cron, &self.backups), (Change::Keep, Change::Keep))
+    }
+
+    /// Whether the body follows from the flags alone, without the current schedules.
+    fn is_whole(&self) -> bool {
+        !matches!(self.cron, Change::Keep)
+            && match &self.backups {
+                Change::Keep => false,
+                Change::Remove => true,
+                Change::Set(b) => {
+                    b.schedule.is_some() && b.keep_daily.is_some() && b.keep_weekly.is_some()
+                }
+            }
+    }
+
+    /// The PUT body, completed from `current` where the flags say nothing.
+    fn body(&self, current: Option<&ScheduleStatus>) -> Result<Value> {
+        let cron = match &self.cron {
+            Change::Set(schedule) => Some(schedule.clone()),
+            Change::Remove => None,
+            // The effective schedule is the manifest's unless it is an override: only an
+            // override is the environment's to keep.
+            Change::Keep => current
+                .filter(|c| c.cron_source.as_deref() == Some("environment"))
+                .and_then(|c| c.cron.clone()),
+        };
+        let now = current.and_then(|c| c.backups.as_ref());
+        let backups = match &self.backups {
+            Change::Keep => now.cloned(),
+            Change::Remove => None,
+            Change::Set(change) => {
+                let schedule = match (&change.schedule, now) {
+                    (Some(s), _) => s.clone(),
+                    (None, Some(now)) => now.schedule.clone(),
+                    (None, None) => bail!(
+                        "the environment has no backup schedule to change: give --backups SCHEDULE"
+                    ),
+                };
+                Some(BackupSchedule {
+                    schedule,
+                    keep_daily: change.keep_daily.or(now.map(|n| n.keep_daily)).unwrap_or(0),
+                    keep_weekly: change
+                        .keep_weekly
+                        .or(now.map(|n| n.keep_weekly))
+                        .unwrap_or(0),
+                })
+            }
+        };
+        Ok(json!({ "cron": cron, "backups": backups }))
+    }
+}
+
+fn schedule_table(s: &ScheduleStatus) {
+    let cron = match (&s.cron, &s.cron_source) {
+        (Some(cron), Some(source)) => format!("{cron} ({source})"),
+        (Some(cron), None) => cron.clone(),
+        (None, _) => "-".into(),
+    };
+    let backups = match &s.backups {
+        Some(b) => format!(
+            "{} (keep {} daily, {} weekly)",
+            b.schedule, b.keep_daily, b.keep_weekly
+        ),
+        None => "-".into(),
+    };
+    let last_run = match &s.last_cron_run {
+        Some(op) => format!("{} {}", op.id, op.status),
+        None => "-".into(),
+    };
+    let skipped = match &s.last_skipped_at {
+        Some(at) => format!("{} (last {at})", s.skipped_cron_runs),
+        None => s.skipped_cron_runs.to_string(),
+    };
+    for (key, text) in [
+        ("cron", cron),
+        (
+            "cron command",
+            s.cron_command.clone().unwrap_or_else(|| "-".into()),
+        ),
+        ("backups", backups),
+        ("last cron run", last_run),
+        ("skipped runs", skipped),
+    ] {
+        println!("{key:<14} {text}");
+    }
 }
 
 /// An environment's other host names: served ones, then redirecting ones.
@@ -909,14 +1142,18 @@ pub async fn op(args: ClientArgs, command: OpCommand) -> Result<i32> {
         OpCommand::List {
             subject,
             status,
+            parent,
             limit,
         } => {
             let mut path = format!("/operations?limit={limit}");
             if let Some(s) = subject {
-                path.push_str(&format!("&subject={s}"));
+                path.push_str(&format!("&subject={}", query_value(&s)));
             }
             if let Some(s) = status {
-                path.push_str(&format!("&status={s}"));
+                path.push_str(&format!("&status={}", query_value(&s)));
+            }
+            if let Some(p) = parent {
+                path.push_str(&format!("&parent={}", query_value(&p)));
             }
             let (list, value): (List<Operation>, _) = client.get(&path).await?;
             client.print(&value, || {

@@ -118,6 +118,14 @@ fn backup_store(args: &EngineArgs, dir: &Path) -> Result<Arc<dyn hefring_objects
     hefring_objects::open_store(&spec, None).context("--backup-store")
 }
 
+/// The artifact store `--artifact-store` names, if any.
+fn artifact_store(args: &EngineArgs) -> Result<Option<Arc<dyn hefring_objects::ObjectStore>>> {
+    args.artifact_store
+        .as_deref()
+        .map(|spec| hefring_objects::open_store(spec, None).context("--artifact-store"))
+        .transpose()
+}
+
 /// The engine's settings from the command line.
 fn engine_config(
     args: &EngineArgs,
@@ -125,9 +133,11 @@ fn engine_config(
     workers: usize,
     queues: Vec<String>,
     backups: Arc<dyn hefring_objects::ObjectStore>,
+    artifacts: Option<Arc<dyn hefring_objects::ObjectStore>>,
 ) -> EngineConfig {
     let mut config = EngineConfig::new(dir.to_path_buf());
     config.backups = Some(backups);
+    config.artifacts = artifacts;
     config.workers = workers;
     config.queues = queues;
     config.task_timeout = Duration::from_secs(args.task_timeout);
@@ -211,7 +221,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             Some(_) => vec![hefring_queue::amqp::DEFAULT_QUEUE.to_string()],
             None => Vec::new(),
         };
-        let config = engine_config(&args.engine, &dir, args.workers, queues, backups.clone());
+        let config = engine_config(
+            &args.engine,
+            &dir,
+            args.workers,
+            queues,
+            backups.clone(),
+            artifact_store(&args.engine)?,
+        );
         let engine = Engine::new(store.clone(), queue.clone(), config)
             .await
             .context("cannot start the workers")?;
@@ -291,6 +308,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         args.concurrency as usize,
         args.queues.clone(),
         backup_store(&args.engine, &dir)?,
+        artifact_store(&args.engine)?,
     );
     // Seen by Celery's tools as a Celery worker: events for Flower, answers to `celery inspect`.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -420,7 +420,7 @@ async fn release_manifest(
         .artifact_sha256
         .as_deref()
         .ok_or_else(|| TaskError(format!("release {} has no artifact", release.id)))?;
-    let path = t.ctx.artifact_path(sha);
+    let path = t.ctx.local_artifact(sha).await?;
     tokio::task::spawn_blocking(move || manifest_from_artifact(&path))
         .await
         .map_err(|e| TaskError(format!("reading the manifest: {e}")))?
@@ -450,7 +450,7 @@ pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
         .artifact_sha256
         .clone()
         .ok_or_else(|| TaskError(format!("release {} has no artifact", release.id)))?;
-    let local_artifact = t.ctx.artifact_path(&sha);
+    let local_artifact = t.ctx.local_artifact(&sha).await?;
     let manifest = release_manifest(t, &release).await?;
     let updating = matches!(
         t.op.kind,

@@ -215,6 +215,15 @@ pub async fn pack_artifact(t: &TaskContext<'_>) -> TaskResult {
         "artifact {} ({size} bytes, sha256 {sha256})",
         path.display()
     ));
+    // Shared before the release is ready: any worker may deploy it next.
+    if let Some(store) = &t.ctx.artifacts {
+        store
+            .put_file(&crate::run::artifact_key(&sha256), &path)
+            .await
+            .map_err(|e| TaskError(format!("storing the artifact in {}: {e}", store.describe())))?;
+        t.log
+            .info(format!("artifact shared in {}", store.describe()));
+    }
     release.status = "ready".into();
     release.artifact_sha256 = Some(sha256);
     release.artifact_size = Some(size as i64);

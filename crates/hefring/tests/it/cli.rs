@@ -553,3 +553,434 @@ async fn the_cli_backs_up_downloads_restores_syncs_clones_and_removes_backups() 
     assert_eq!(before["items"], after["items"]);
     assert!(!std::path::Path::new(&format!("/tmp/{first}.tar.zst")).exists());
 }
+
+/// The operation a followed command started, from its last line on stderr:
+/// `operation op_... succeeded`.
+fn followed(out: &Output) -> String {
+    let err = stderr(out);
+    let line = err
+        .lines()
+        .rfind(|l| l.starts_with("operation "))
+        .unwrap_or_else(|| panic!("no operation line in {err}"));
+    line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// Bad input: one line on stderr with the API's message, exit 1, and no operation started.
+async fn refused(server: &Server, refusals: &[(&[&str], &str)]) {
+    let (_, before) = server.get("/operations?limit=500").await;
+    for (args, message) in refusals {
+        let out = server.command().args(*args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") && err.contains(message),
+            "{args:?}: {err}"
+        );
+    }
+    let (_, after) = server.get("/operations?limit=500").await;
+    assert_eq!(before["items"], after["items"]);
+}
+
+/// Creates an environment through the API and deploys `release` to it; answers its id.
+async fn deployed(
+    server: &Server,
+    name: &str,
+    project: &str,
+    target: &str,
+    domain: &str,
+    release: &str,
+) -> String {
+    use serde_json::json;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": name, "project": project, "target": target, "domain": domain}),
+        )
+        .await;
+    let id = env["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(
+            &format!("/environments/{id}/deploy"),
+            Some(json!({"release": release})),
+        )
+        .await;
+    let op = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_migrates_an_environment_to_another_target() {
+    use crate::environments::{
+        add_project, app_repo, build, local_target, page, site_client, target_root,
+    };
+    let server = Server::start().await;
+    let (old_root, new_root) = (target_root(), target_root());
+    let (old, _, _) = local_target(&server, "old", old_root.path()).await;
+    let (new, new_http, _) = local_target(&server, "new", new_root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = deployed(&server, "live", &project, &old, "moving.test", &release).await;
+    let run = |args: &[&str]| server.command().args(args).output().unwrap();
+
+    // The target by name; --follow streams the log and exits 0 once it succeeded.
+    let out = run(&["env", "migrate", "live", "--target", "new", "--follow"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("switch_target"), "{}", stdout(&out));
+    let op = server.op(&followed(&out)).await;
+    assert_eq!(op["kind"], "environment_migrate");
+    assert_eq!(op["status"], "succeeded");
+
+    let out = run(&["env", "show", "live"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("target ") && l.ends_with(&new)),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&["env", "show", &env, "--output", "json"]);
+    let shown: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(shown["target"], new.as_str());
+    assert_eq!(shown["status"], "active");
+    let (_, body) = page(
+        &site_client(&["moving.test"], new_http, None),
+        &format!("http://moving.test:{new_http}/"),
+    )
+    .await;
+    assert!(body.contains("release=1"), "{body}");
+    assert!(!old_root.path().join(format!("environments/{env}")).exists());
+
+    // Without --follow: the operation's id, kind and status; the target by id.
+    let out = run(&["env", "migrate", "live", "--target", &old]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let started = stdout(&out);
+    let (id, rest) = started.trim().split_once(' ').unwrap();
+    assert!(id.starts_with("op_"), "{started}");
+    assert!(rest.starts_with("environment_migrate "), "{started}");
+    let done = server.wait_op(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    refused(
+        &server,
+        &[
+            (
+                &["env", "migrate", "live", "--target", "old", "-f"],
+                "target: the environment already runs on this target (invalid_field)",
+            ),
+            (
+                &["env", "migrate", "live", "--target", "nope"],
+                "error: no target named nope",
+            ),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_updates_a_fleet_of_environments_to_a_new_release() {
+    use crate::environments::{
+        add_project, app_repo, build, local_target, page, site_client, target_root,
+    };
+    let server = Server::start().await;
+    let root = target_root();
+    let (target, http, _) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release1 = build(&server, &project).await;
+    let mut envs = Vec::new();
+    for (name, domain) in [("one", "one.test"), ("two", "two.test")] {
+        envs.push(deployed(&server, name, &project, &target, domain, &release1).await);
+    }
+    repo.commit(&[("VERSION", "2\n")]);
+    let release2 = build(&server, &project).await;
+    let run = |args: &[&str]| server.command().args(args).output().unwrap();
+
+    let out = run(&[
+        "release",
+        "fleet-update",
+        &release1,
+        "--to",
+        &release2,
+        "--parallelism",
+        "2",
+        "--follow",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let parent = followed(&out);
+    let (_, children) = server
+        .get(&format!("/operations?parent={parent}&limit=100"))
+        .await;
+    let children = children["items"].as_array().unwrap().clone();
+    assert_eq!(children.len(), 2, "{children:?}");
+    // One line per environment after the log: its id, how it ended, its update's id.
+    let printed = stdout(&out);
+    for env in &envs {
+        let child = children
+            .iter()
+            .find(|c| c["subject"]["id"] == env.as_str())
+            .unwrap_or_else(|| panic!("no update of {env}"));
+        let line = printed
+            .lines()
+            .find(|l| l.starts_with(env.as_str()))
+            .unwrap_or_else(|| panic!("no line for {env} in {printed}"));
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [env.as_str(), "succeeded", child["id"].as_str().unwrap()],
+            "{printed}"
+        );
+    }
+    let header = printed
+        .lines()
+        .find(|l| l.starts_with("ENVIRONMENT"))
+        .unwrap_or_else(|| panic!("no table in {printed}"));
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        ["ENVIRONMENT", "STATUS", "OPERATION"]
+    );
+
+    // Both run release 2 now.
+    let out = run(&["env", "list", "--output", "json"]);
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    for env in listed["items"].as_array().unwrap() {
+        assert_eq!(env["release"], release2.as_str(), "{env}");
+    }
+    let client = site_client(&["one.test", "two.test"], http, None);
+    for domain in ["one.test", "two.test"] {
+        let (_, body) = page(&client, &format!("http://{domain}:{http}/")).await;
+        assert!(body.contains("release=2"), "{domain}: {body}");
+    }
+
+    // `op list --parent` lists the children.
+    let out = run(&["op", "list", "--parent", &parent, "--output", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let mut ids: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = children.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    ids.sort();
+    expected.sort();
+    assert_eq!(ids, expected);
+    let out = run(&["op", "list", "--parent", &parent]);
+    let table = stdout(&out);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(
+        table
+            .lines()
+            .skip(1)
+            .all(|l| l.contains("environment_update") && l.contains("succeeded")),
+        "{table}"
+    );
+
+    // In JSON, --follow ends with the finished operation and its per-environment result.
+    let out = run(&[
+        "release",
+        "fleet-update",
+        &release2,
+        "--to",
+        &release1,
+        "--include-older",
+        "--max-failures",
+        "1",
+        "-f",
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let last: Value = serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap();
+    assert_eq!(last["kind"], "release_fleet_update", "{last}");
+    assert_eq!(last["inputs"]["max_failures"], 1, "{last}");
+    assert_eq!(
+        last["result"]["environments"].as_object().unwrap().len(),
+        2,
+        "{last}"
+    );
+
+    refused(
+        &server,
+        &[
+            (
+                &[
+                    "release",
+                    "fleet-update",
+                    &release1,
+                    "--to",
+                    &release2,
+                    "--parallelism",
+                    "0",
+                    "-f",
+                ],
+                "parallelism: must be between 1 and 50 (invalid_field)",
+            ),
+            (
+                &["release", "fleet-update", &release1, "--to", &release1],
+                "to: the release to update to is this one (invalid_field)",
+            ),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_shows_and_sets_an_environments_schedules() {
+    use crate::environments::{
+        add_project, app_manifest, build, local_target, target_root, APP_DEPLOY, APP_INDEX,
+        APP_INSTALL,
+    };
+    use crate::harness::Repo;
+    use serde_json::json;
+    let server = Server::start_with(&["--scheduler-clock", "manual"], &[]).await;
+    let root = target_root();
+    let (target, _, _) = local_target(&server, "web", root.path()).await;
+    let repo = Repo::new(&format!(
+        "{}cron: {{schedule: \"0 * * * *\", command: php cron.php}}\n",
+        app_manifest("sqlite")
+    ));
+    repo.commit(&[
+        ("index.php", APP_INDEX),
+        ("install.php", APP_INSTALL),
+        ("deploy.php", APP_DEPLOY),
+        ("health.php", "<?php echo 'ok';\n"),
+        ("cron.php", "<?php echo \"cron ran\\n\";\n"),
+        ("VERSION", "1\n"),
+        ("uploads/.keep", ""),
+    ]);
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = deployed(&server, "live", &project, &target, "cron.test", &release).await;
+    let run = |args: &[&str]| server.command().args(args).output().unwrap();
+    // The table's value for `key`.
+    let field = |out: &Output, key: &str| -> String {
+        let text = stdout(out);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(key)
+                    .filter(|rest| rest.starts_with("  "))
+                    .map(|rest| rest.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+    };
+    let json_of = |out: &Output| -> Value {
+        assert!(out.status.success(), "{}", stderr(out));
+        serde_json::from_str(&stdout(out)).unwrap()
+    };
+
+    // The manifest's schedule, and one cron run on the driven clock.
+    for now in ["2030-01-06T00:30:00Z", "2030-01-06T01:00:00Z"] {
+        let (_, pass) = server.post("/scheduler/tick", json!({ "now": now })).await;
+        for op in pass["started"].as_array().unwrap() {
+            server.wait_op(op["id"].as_str().unwrap()).await;
+        }
+    }
+    let (_, status) = server.get(&format!("/environments/{env}/schedules")).await;
+    let last_run = status["last_cron_run"]["id"].as_str().unwrap().to_string();
+    let out = run(&["env", "schedule", "live"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(field(&out, "cron"), "0 * * * * (manifest)");
+    assert_eq!(field(&out, "cron command"), "php cron.php");
+    assert_eq!(field(&out, "backups"), "-");
+    assert_eq!(
+        field(&out, "last cron run"),
+        format!("{last_run} succeeded")
+    );
+    assert_eq!(field(&out, "skipped runs"), "0");
+
+    // A cron override; the backups stay as they are (none).
+    let out = run(&["env", "schedule", "live", "--cron", "*/10 * * * *"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(field(&out, "cron"), "*/10 * * * * (environment)");
+    assert_eq!(field(&out, "backups"), "-");
+
+    // A backup schedule; the override stays.
+    let out = run(&[
+        "env",
+        "schedule",
+        &env,
+        "--backups",
+        "0 3 * * *",
+        "--keep-daily",
+        "2",
+        "--keep-weekly",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(field(&out, "cron"), "*/10 * * * * (environment)");
+    assert_eq!(field(&out, "backups"), "0 3 * * * (keep 2 daily, 3 weekly)");
+
+    // Only the weekly retention: the rest of the backup schedule stays.
+    let shown = json_of(&run(&[
+        "env",
+        "schedule",
+        "live",
+        "--keep-weekly",
+        "5",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(
+        shown["backups"],
+        json!({"schedule": "0 3 * * *", "keep_daily": 2, "keep_weekly": 5})
+    );
+    assert_eq!(shown["cron_source"], "environment");
+
+    // Back to the manifest's cron; the backups stay.
+    let shown = json_of(&run(&[
+        "env",
+        "schedule",
+        "live",
+        "--no-cron-override",
+        "--output",
+        "json",
+    ]));
+    assert_eq!(shown["cron"], "0 * * * *");
+    assert_eq!(shown["cron_source"], "manifest");
+    assert_eq!(shown["backups"]["keep_weekly"], 5);
+
+    // No scheduled backups; the manifest's cron is not turned into an override.
+    let shown = json_of(&run(&[
+        "env",
+        "schedule",
+        "live",
+        "--no-backups",
+        "--output",
+        "json",
+    ]));
+    assert!(shown["backups"].is_null(), "{shown}");
+    assert_eq!(shown["cron_source"], "manifest");
+    let (_, stored) = server.get(&format!("/environments/{env}/schedules")).await;
+    assert_eq!(stored, shown);
+    let out = run(&["env", "schedule", "live"]);
+    assert_eq!(field(&out, "backups"), "-");
+    assert_eq!(field(&out, "cron"), "0 * * * * (manifest)");
+
+    // Bad input: one line, exit 1, nothing changed.
+    let bad: [(&[&str], &str); 4] = [
+        (
+            &["env", "schedule", "live", "--cron", "61 * * * *"],
+            "cron: field 1 (minute): 61 is out of range 0-59 (invalid_field)",
+        ),
+        (
+            &["env", "schedule", "live", "--backups", "@daily"],
+            "backups.keep_daily: keep at least one daily or one weekly backup (invalid_field)",
+        ),
+        (
+            &["env", "schedule", "live", "--keep-daily", "3"],
+            "error: the environment has no backup schedule to change: give --backups SCHEDULE",
+        ),
+        (
+            &["env", "schedule", "nope"],
+            "error: no environment named nope",
+        ),
+    ];
+    refused(&server, &bad).await;
+    let (_, after) = server.get(&format!("/environments/{env}/schedules")).await;
+    assert_eq!(after, stored);
+}

@@ -161,7 +161,7 @@ async fn serve_with_s3(moto: &Moto) -> (Server, S3) {
     )
     .unwrap();
     let server = Server::start_with(
-        &["--backup-store", &spec],
+        &["--backup-store", &spec, "--artifact-store", &spec],
         &[
             (
                 "HEFRING_S3_ACCESS_KEY_ID",
@@ -243,7 +243,7 @@ async fn backups_live_in_s3_and_its_secret_stays_out_of_sight() {
     // went to the data directory.
     let key = format!("installation-1/backups/{env}/{backup}.tar.zst");
     assert_eq!(
-        bucket.list("installation-1/").await.unwrap(),
+        bucket.list("installation-1/backups/").await.unwrap(),
         [ObjectInfo {
             key: key.clone(),
             size
@@ -304,7 +304,7 @@ async fn backups_live_in_s3_and_its_secret_stays_out_of_sight() {
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(bucket.head(&key).await.unwrap(), None);
     let left: Vec<String> = bucket
-        .list("installation-1/")
+        .list("installation-1/backups/")
         .await
         .unwrap()
         .into_iter()
@@ -411,4 +411,51 @@ async fn the_projects_commands_do_not_see_the_s3_secret() {
             "{kind} shows the secret to the project's commands: {log}"
         );
     }
+}
+
+/// Any worker can deploy what another built: the artifact is shared through the store, so a
+/// machine without it (here: its copy removed) fetches it before it deploys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_built_elsewhere_is_fetched_from_the_artifact_store() {
+    let moto = Moto::start();
+    let (server, bucket) = serve_with_s3(&moto).await;
+    let root = target_root();
+    let (target, http, _) = local_target(&server, "web", root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let (_, shown) = server.get(&format!("/releases/{release}")).await;
+    let sha = shown["artifact"]["sha256"].as_str().unwrap().to_string();
+    let key = format!("installation-1/artifacts/{sha}.tar.zst");
+    assert_eq!(
+        bucket.head(&key).await.unwrap(),
+        shown["artifact"]["size"].as_u64(),
+        "the artifact is in the store"
+    );
+    let local = server.data_dir().join(format!("artifacts/{sha}.tar.zst"));
+    std::fs::remove_file(&local).unwrap();
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project, "target": target, "domain": "elsewhere.test"}),
+        )
+        .await;
+    let env = env["id"].as_str().unwrap().to_string();
+    let op = server
+        .start_op(
+            &format!("/environments/{env}/deploy"),
+            Some(json!({"release": release})),
+        )
+        .await;
+    let done = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(
+        done["status"],
+        "succeeded",
+        "{done}\n{}",
+        server.log_text(op["id"].as_str().unwrap()).await
+    );
+    assert!(local.is_file(), "fetched back to this machine");
+    let client = site_client(&["elsewhere.test"], http, None);
+    let (_, body) = page(&client, &format!("http://elsewhere.test:{http}/")).await;
+    assert!(body.contains("release=1"), "{body}");
 }
