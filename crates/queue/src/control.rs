@@ -50,8 +50,10 @@ pub struct Presence {
     task_names: Vec<String>,
     concurrency: usize,
     broker_display: String,
-    channel: Channel,
-    _connection: Connection,
+    url: String,
+    /// The channel of the current connection; `None` while the broker is away (events are
+    /// dropped then, as a Celery worker's are).
+    channel: tokio::sync::RwLock<Option<Channel>>,
     clock: AtomicU64,
     activity: Mutex<Activity>,
     started: f64,
@@ -98,8 +100,64 @@ impl Presence {
         task_names: Vec<String>,
         concurrency: usize,
     ) -> Result<(Arc<Presence>, Vec<JoinHandle<()>>), lapin::Error> {
+        let presence = Arc::new(Presence {
+            hostname,
+            queues,
+            task_names,
+            concurrency,
+            broker_display: masked(url),
+            url: url.to_string(),
+            channel: tokio::sync::RwLock::new(None),
+            clock: AtomicU64::new(1),
+            activity: Mutex::default(),
+            started: now(),
+        });
+        // The first connection must work: a worker that cannot reach its broker says so.
+        let link = presence.connect().await?;
+        presence.worker_event("worker-online").await;
+        let heartbeat = {
+            let presence = presence.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(HEARTBEAT);
+                loop {
+                    tick.tick().await;
+                    presence.worker_event("worker-heartbeat").await;
+                }
+            })
+        };
+        // Answers the mailbox; when the broker goes away, connects again (every second) and
+        // says it is online, so Flower and `celery inspect` see it after a broker restart.
+        let mailbox_task = {
+            let presence = presence.clone();
+            tokio::spawn(async move {
+                let mut link = Some(link);
+                loop {
+                    if let Some((connection, mut consumer)) = link.take() {
+                        while let Some(Ok(delivery)) = consumer.next().await {
+                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                            if let Ok(command) = serde_json::from_slice::<Value>(&delivery.data) {
+                                presence.answer(&command).await;
+                            }
+                        }
+                        *presence.channel.write().await = None;
+                        drop(connection);
+                        tracing::warn!("events and remote control lost the broker: reconnecting");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Ok(new) = presence.connect().await {
+                        link = Some(new);
+                        presence.worker_event("worker-online").await;
+                    }
+                }
+            })
+        };
+        Ok((presence, vec![heartbeat, mailbox_task]))
+    }
+
+    /// Connects, declares the exchanges and this worker's mailbox, and consumes it.
+    async fn connect(&self) -> Result<(Connection, lapin::Consumer), lapin::Error> {
         let connection = Connection::connect(
-            url,
+            &self.url,
             ConnectionProperties::default()
                 .with_executor(tokio_executor_trait::Tokio::current())
                 .with_reactor(tokio_reactor_trait::Tokio),
@@ -126,7 +184,7 @@ impl Presence {
                 FieldTable::default(),
             )
             .await?;
-        let mailbox = format!("{hostname}.celery.pidbox");
+        let mailbox = format!("{}.celery.pidbox", self.hostname);
         let mut arguments = FieldTable::default();
         arguments.insert("x-expires".into(), AMQPValue::LongInt(10_000));
         arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(300_000));
@@ -152,47 +210,13 @@ impl Presence {
         let consumer = channel
             .basic_consume(
                 &mailbox,
-                &format!("{hostname}-pidbox"),
+                &format!("{}-pidbox", self.hostname),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        let presence = Arc::new(Presence {
-            hostname,
-            queues,
-            task_names,
-            concurrency,
-            broker_display: masked(url),
-            channel,
-            _connection: connection,
-            clock: AtomicU64::new(1),
-            activity: Mutex::default(),
-            started: now(),
-        });
-        presence.worker_event("worker-online").await;
-        let heartbeat = {
-            let presence = presence.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(HEARTBEAT);
-                loop {
-                    tick.tick().await;
-                    presence.worker_event("worker-heartbeat").await;
-                }
-            })
-        };
-        let mailbox_task = {
-            let presence = presence.clone();
-            let mut consumer = consumer;
-            tokio::spawn(async move {
-                while let Some(Ok(delivery)) = consumer.next().await {
-                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-                    if let Ok(command) = serde_json::from_slice::<Value>(&delivery.data) {
-                        presence.answer(&command).await;
-                    }
-                }
-            })
-        };
-        Ok((presence, vec![heartbeat, mailbox_task]))
+        *self.channel.write().await = Some(channel);
+        Ok((connection, consumer))
     }
 
     pub fn hostname(&self) -> &str {
@@ -210,8 +234,10 @@ impl Presence {
             .with_delivery_mode(1)
             .with_headers(headers);
         let payload = serde_json::to_vec(body).unwrap_or_default();
-        if let Ok(confirm) = self
-            .channel
+        let Some(channel) = self.channel.read().await.clone() else {
+            return;
+        };
+        if let Ok(confirm) = channel
             .basic_publish(
                 exchange,
                 routing_key,

@@ -675,6 +675,30 @@ async fn a_broker_restart_under_load_loses_no_operation() {
         succeeded, 40,
         "every operation ran once the broker was back"
     );
+    // The worker's presence came back too: `celery inspect ping` reaches it again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("celery")
+            .args([
+                "--broker",
+                &broker.url(),
+                "inspect",
+                "ping",
+                "--timeout",
+                "3",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("pong") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker answered ping after the broker restart: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The message count of `queue` in the vhost (ready and unacknowledged).
