@@ -74,7 +74,13 @@ async fn backup_record(
             },
         )
         .await?;
-    if let Some(found) = existing.items.into_iter().next() {
+    if let Some(mut found) = existing.items.into_iter().next() {
+        // A retried operation makes the backup its failed attempt began.
+        if found.status == "failed" {
+            found.status = "creating".into();
+            found.updated_at = now_ms();
+            t.ctx.store.update_backup(&found).await?;
+        }
         return Ok(found);
     }
     // A scheduled backup is dated by the slot it was scheduled for (the scheduler's clock,
@@ -306,6 +312,7 @@ echo "sha256 $(digest "$listing" | cut -d' ' -f1)"
 /// Packs the archive: `tar` (passed as the arguments, run as the web user) through zstd.
 /// A tar that fails (2) fails the archive; files that changed while read (1) are reported.
 const PACK: &str = r#"set -e
+umask 077
 out=$1; level=$2; shift 2
 DIGEST
 rm -f "$out.status"
@@ -830,6 +837,7 @@ fn restore_dir(site: &Site<'_>, t: &TaskContext<'_>) -> String {
 
 /// Unpacks and checks an archive: its own SHA-256, then the dump's and the files'.
 const UNPACK: &str = r#"set -e
+umask 077
 archive=$1; work=$2
 DIGEST
 echo "archive $(digest "$archive" | cut -d' ' -f1)"
