@@ -22,8 +22,9 @@ use hefring_core::{new_id, IdKind};
 use hefring_store::{BackupFilter, BackupRecord, Page};
 use serde_json::json;
 
-use super::environment::{manifest, mariadb_admin, psql_admin, run_sql, served_release, Site};
-use super::server::tool;
+use super::environment::{
+    dump_command, load_command, manifest, mariadb_admin, psql_admin, run_sql, served_release, Site,
+};
 use crate::run::{require_success, run_captured, TaskContext, TaskError, TaskOutput, TaskResult};
 use crate::time::now_ms;
 
@@ -190,7 +191,6 @@ async fn dump_into(
     let Some(access) = site.database(manifest) else {
         return Ok(None);
     };
-    let target = &site.server.target;
     let file = backup::dump_file(access.kind);
     let path = format!("{stage}/{file}");
     let (facts, tail, catalog) = match access.kind {
@@ -206,18 +206,7 @@ async fn dump_into(
                 ),
             )
             .await?;
-            let mut spec = mariadb_admin(site);
-            spec.argv[0] = tool(target, "mysqldump");
-            spec.argv.retain(|a| a != "--batch");
-            spec.argv.extend([
-                "--single-transaction".into(),
-                "--quick".into(),
-                "--routines".into(),
-                "--triggers".into(),
-                "--events".into(),
-                format!("--result-file={path}"),
-                access.name.clone(),
-            ]);
+            let spec = dump_command(site, &access, &path);
             require_success(site.server.run(&spec).await?, "mysqldump")?;
             let out = site
                 .server
@@ -240,20 +229,7 @@ async fn dump_into(
                 "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema');",
             )
             .await?;
-            let admin = &target.settings.postgresql;
-            let mut spec = CommandSpec::new([
-                tool(target, "pg_dump"),
-                format!("--host={}", admin.host),
-                format!("--port={}", admin.port),
-                format!("--username={}", admin.user),
-                "--no-owner".into(),
-                "--no-privileges".into(),
-                format!("--file={path}"),
-                access.name.clone(),
-            ]);
-            if let Some(password) = &admin.password {
-                spec = spec.env("PGPASSWORD", password);
-            }
+            let spec = dump_command(site, &access, &path);
             require_success(site.server.run(&spec).await?, "pg_dump")?;
             let out = site
                 .server
@@ -969,17 +945,7 @@ pub async fn restore_database(t: &TaskContext<'_>) -> TaskResult {
                 "emptying the MariaDB database",
             )
             .await?;
-            let mut spec = mariadb_admin(&site);
-            spec.argv.push(name.clone());
-            let mut argv = vec![
-                "sh".to_string(),
-                "-c".into(),
-                r#"f=$1; shift; exec "$@" < "$f""#.into(),
-                "sh".into(),
-                dump.clone(),
-            ];
-            argv.append(&mut spec.argv);
-            spec.argv = argv;
+            let spec = load_command(&site, &access, &dump);
             require_success(site.server.run(&spec).await?, "loading the dump")?;
         }
         DatabaseKind::Postgresql => {
@@ -994,17 +960,7 @@ pub async fn restore_database(t: &TaskContext<'_>) -> TaskResult {
                 "emptying the PostgreSQL database",
             )
             .await?;
-            // Loaded as the site's role, so that it owns every table, as it did before.
-            let mut spec = psql_admin(&site);
-            for arg in spec.argv.iter_mut() {
-                if arg == "--dbname=postgres" {
-                    *arg = format!("--dbname={name}");
-                }
-            }
-            spec.argv.extend([
-                format!("--command=SET ROLE {name}"),
-                format!("--file={dump}"),
-            ]);
+            let spec = load_command(&site, &access, &dump);
             require_success(site.server.run(&spec).await?, "loading the dump")?;
         }
         DatabaseKind::Sqlite => {

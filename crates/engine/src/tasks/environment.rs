@@ -556,6 +556,86 @@ pub(super) fn psql_admin(site: &Site<'_>) -> CommandSpec {
     spec
 }
 
+/// The command that dumps a MariaDB or PostgreSQL database into `path`, consistently
+/// (`--single-transaction`; pg_dump's snapshot), as the target's database admin. The dump
+/// loads back with [`load_command`]: objects are dropped first (`--clean`) and owned by
+/// whoever loads them.
+pub(super) fn dump_command(site: &Site<'_>, access: &DatabaseAccess, path: &str) -> CommandSpec {
+    let target = &site.server.target;
+    match access.kind {
+        DatabaseKind::Postgresql => {
+            let admin = &target.settings.postgresql;
+            let mut spec = CommandSpec::new([
+                tool(target, "pg_dump"),
+                format!("--host={}", admin.host),
+                format!("--port={}", admin.port),
+                format!("--username={}", admin.user),
+                "--clean".into(),
+                "--if-exists".into(),
+                "--no-owner".into(),
+                "--no-privileges".into(),
+                format!("--file={path}"),
+                access.name.clone(),
+            ]);
+            if let Some(password) = &admin.password {
+                spec = spec.env("PGPASSWORD", password);
+            }
+            spec
+        }
+        _ => {
+            let mut spec = mariadb_admin(site);
+            spec.argv[0] = tool(target, "mysqldump");
+            spec.argv.retain(|a| a != "--batch");
+            spec.argv.extend([
+                "--single-transaction".into(),
+                "--quick".into(),
+                "--routines".into(),
+                "--triggers".into(),
+                "--events".into(),
+                format!("--result-file={path}"),
+                access.name.clone(),
+            ]);
+            spec
+        }
+    }
+}
+
+/// The command that loads a dump made by [`dump_command`] into the environment's database.
+/// PostgreSQL loads as the environment's role, so that it owns what the dump creates, as it
+/// owned what was dumped.
+pub(super) fn load_command(site: &Site<'_>, access: &DatabaseAccess, dump: &str) -> CommandSpec {
+    match access.kind {
+        DatabaseKind::Postgresql => {
+            let mut spec = psql_admin(site);
+            for arg in spec.argv.iter_mut() {
+                if arg == "--dbname=postgres" {
+                    *arg = format!("--dbname={}", access.name);
+                }
+            }
+            spec.argv.extend([
+                format!("--command=SET ROLE {}", access.name),
+                format!("--file={dump}"),
+            ]);
+            spec
+        }
+        _ => {
+            let mut spec = mariadb_admin(site);
+            spec.argv.push(access.name.clone());
+            // The dump is the input; through a shell so that it streams from the file.
+            let mut argv = vec![
+                "sh".to_string(),
+                "-c".into(),
+                r#"f=$1; shift; exec "$@" < "$f""#.into(),
+                "sh".into(),
+                dump.to_string(),
+            ];
+            argv.append(&mut spec.argv);
+            spec.argv = argv;
+            spec
+        }
+    }
+}
+
 pub(super) async fn run_sql(
     site: &Site<'_>,
     spec: CommandSpec,
@@ -1132,38 +1212,9 @@ pub async fn dump_database(t: &TaskContext<'_>) -> TaskResult {
         .mkdirs(std::slice::from_ref(&dir), "700")
         .await?;
     let file = format!("{dir}/before-{}.sql", t.op.id);
-    let target = &site.server.target;
     let spec = match access.kind {
-        DatabaseKind::Mariadb => {
-            let mut spec = mariadb_admin(&site);
-            spec.argv[0] = tool(target, "mysqldump");
-            spec.argv.retain(|a| a != "--batch");
-            spec.argv.extend([
-                "--single-transaction".into(),
-                "--routines".into(),
-                "--triggers".into(),
-                format!("--result-file={file}.part"),
-                access.name.clone(),
-            ]);
-            spec
-        }
-        DatabaseKind::Postgresql => {
-            let admin = &target.settings.postgresql;
-            let mut spec = CommandSpec::new([
-                tool(target, "pg_dump"),
-                format!("--host={}", admin.host),
-                format!("--port={}", admin.port),
-                format!("--username={}", admin.user),
-                "--clean".into(),
-                "--if-exists".into(),
-                "--no-owner".into(),
-                format!("--file={file}.part"),
-                access.name.clone(),
-            ]);
-            if let Some(password) = &admin.password {
-                spec = spec.env("PGPASSWORD", password);
-            }
-            spec
+        DatabaseKind::Mariadb | DatabaseKind::Postgresql => {
+            dump_command(&site, &access, &format!("{file}.part"))
         }
         DatabaseKind::Sqlite => CommandSpec::new([
             "sh".to_string(),
@@ -1267,31 +1318,7 @@ async fn restore_dump(site: &Site<'_>, manifest: &Manifest, dump: &str) -> Resul
         return Ok(());
     };
     let spec = match access.kind {
-        DatabaseKind::Mariadb => {
-            let mut spec = mariadb_admin(site);
-            spec.argv.push(access.name.clone());
-            // The dump is the input; through a shell so that it streams from the file.
-            let mut argv = vec![
-                "sh".to_string(),
-                "-c".into(),
-                r#"f=$1; shift; exec "$@" < "$f""#.into(),
-                "sh".into(),
-                dump.to_string(),
-            ];
-            argv.extend(spec.argv);
-            spec.argv = argv;
-            spec
-        }
-        DatabaseKind::Postgresql => {
-            let mut spec = psql_admin(site);
-            for arg in spec.argv.iter_mut() {
-                if arg == "--dbname=postgres" {
-                    *arg = format!("--dbname={}", access.name);
-                }
-            }
-            spec.argv.push(format!("--file={dump}"));
-            spec
-        }
+        DatabaseKind::Mariadb | DatabaseKind::Postgresql => load_command(site, &access, dump),
         DatabaseKind::Sqlite => CommandSpec::new([
             "sh".to_string(),
             "-c".into(),

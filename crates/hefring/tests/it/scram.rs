@@ -365,6 +365,31 @@ async fn generated_postgresql_passwords_work_under_scram_and_no_admin_secret_lea
     );
     assert_eq!(check(out, "the restored table").trim(), name);
 
+    // An update whose deploy command fails after it changed the database is rolled back
+    // from its safety dump: loaded as the environment's role, so the site can still read
+    // its table (as the postgres admin, it would own it and the site would get errors).
+    repo.commit(&[("VERSION", "2\n"), ("FAIL_DEPLOY", "")]);
+    let release2 = build(&server, &project).await;
+    let op = server
+        .start_op(
+            &format!("/environments/{env_id}/update"),
+            Some(json!({"release": release2})),
+        )
+        .await;
+    let op = server.wait_op(op["id"].as_str().unwrap()).await;
+    let log = server.log_text(op["id"].as_str().unwrap()).await;
+    assert_eq!(op["status"], "failed", "{op}\n{log}");
+    assert!(
+        log.contains("restored the database from the safety dump"),
+        "{log}"
+    );
+    let (status, body) = page(&client, &format!("http://pg.test:{http}/")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body.contains("release=1") && body.contains("rows=1"),
+        "{body}"
+    );
+
     // Delete: the role and the database are gone from the cluster.
     let (status, op) = server
         .call(
