@@ -845,16 +845,29 @@ const UNPACK: &str = r#"set -e
 umask 077
 archive=$1; work=$2
 DIGEST
-echo "archive $(digest "$archive" | cut -d' ' -f1)"
 rm -rf "$work"; mkdir -p "$work"; chmod 700 "$work"
-zstd -q -d -c "$archive" | tar -x --no-same-owner -f - -C "$work"
-rm -f "$archive"
-if [ -f "$work/database.sql" ]; then echo "database $(digest "$work/database.sql" | cut -d' ' -f1)"; fi
-if [ -f "$work/database.sqlite" ]; then echo "database $(digest "$work/database.sqlite" | cut -d' ' -f1)"; fi
+# The archive's SHA-256 is taken as it is read for unpacking (through a fifo), not by reading
+# it twice.
+mkfifo "$work/.archive.fifo"
+{ if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r; else sha256sum; fi; } < "$work/.archive.fifo" | cut -d' ' -f1 > "$work/.archive.sum" &
+tee "$work/.archive.fifo" < "$archive" \
+  | { zstd -q -d -c || echo zstd > "$work/.failed"; } \
+  | { tar -x --no-same-owner -f - -C "$work" || echo tar > "$work/.failed"; }
+wait
+echo "archive $(cat "$work/.archive.sum")"
+rm -f "$work/.archive.fifo" "$work/.archive.sum" "$archive"
+# Unpacking failed: the digest above says whether the archive is damaged.
+if [ -f "$work/.failed" ]; then echo "unpacked no"; exit 0; fi
+# The dump's digest and the files' listing side by side, on two cores.
+for f in database.sql database.sqlite; do
+  if [ -f "$work/$f" ]; then (digest "$work/$f" | cut -d' ' -f1 > "$work/.database.sum") & fi
+done
 if [ -d "$work/files" ]; then
   (cd "$work/files" && find . -type f -print0 | sort -z | xargs -0 -r sh -c "$d"'; digest "$@"' sh) > "$work/files.check"
-  echo "files $(digest "$work/files.check" | cut -d' ' -f1)"
 fi
+wait
+if [ -f "$work/.database.sum" ]; then echo "database $(cat "$work/.database.sum")"; rm -f "$work/.database.sum"; fi
+if [ -f "$work/files.check" ]; then echo "files $(digest "$work/files.check" | cut -d' ' -f1)"; fi
 echo tail
 cat "$work/manifest.json"
 "#;
@@ -900,8 +913,6 @@ pub async fn fetch_backup(t: &TaskContext<'_>) -> TaskResult {
         )
         .await?;
     let (facts, manifest_text) = facts_of(&out);
-    let manifest: BackupManifest = serde_json::from_str(&manifest_text)
-        .map_err(|e| TaskError(format!("the archive's manifest is unreadable: {e}")))?;
     let mismatch = |what: &str| {
         TaskError(format!(
             "the archive's {what} does not match its SHA-256: the backup is damaged"
@@ -910,6 +921,13 @@ pub async fn fetch_backup(t: &TaskContext<'_>) -> TaskResult {
     if record.sha256.as_deref() != facts.get("archive").map(String::as_str) {
         return Err(mismatch("archive"));
     }
+    if facts.get("unpacked").map(String::as_str) == Some("no") {
+        return Err(TaskError::new(
+            "the archive could not be unpacked (see the log), though its SHA-256 is right",
+        ));
+    }
+    let manifest: BackupManifest = serde_json::from_str(&manifest_text)
+        .map_err(|e| TaskError(format!("the archive's manifest is unreadable: {e}")))?;
     if let Some(part) = &manifest.database {
         if facts.get("database") != Some(&part.sha256) {
             return Err(mismatch("database dump"));

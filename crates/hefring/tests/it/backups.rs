@@ -419,6 +419,44 @@ head -n 20 "$f" > "$f.cut" && mv "$f.cut" "$f"
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(work.is_empty(), "{work:?}");
+
+    // A damaged archive is refused before anything is replaced: one byte changed in the store.
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::remove_file(&secret).unwrap();
+    let good = listed["items"][2]["id"].as_str().unwrap().to_string();
+    let stored = stored[0].as_ref().unwrap().path();
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+    let upload = root
+        .path()
+        .join(format!("environments/{env}/files/uploads/kept.txt"));
+    std::fs::write(&upload, "after the backup").unwrap();
+    let op = server
+        .start_op(
+            &format!("/environments/{env}/restore"),
+            Some(json!({"backup": good})),
+        )
+        .await;
+    let done = server.wait_op(op["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("damaged"),
+        "{done}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&upload).unwrap(),
+        "after the backup"
+    );
+    let work: Vec<_> = std::fs::read_dir(root.path().join("backups"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        work.is_empty(),
+        "the unpacked archive was removed: {work:?}"
+    );
 }
 
 /// The process dies at each task of a backup, then of a restore, in turn: after a restart
