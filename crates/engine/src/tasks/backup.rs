@@ -138,22 +138,48 @@ fn text(facts: &BTreeMap<String, String>, key: &str) -> Result<String, TaskError
         .ok_or_else(|| TaskError(format!("the target did not report {key}")))
 }
 
-/// Reports a SQL dump's table count, size, SHA-256 and last lines.
-/// The count and the digest read the dump at the same time, on two cores.
-const SQL_DUMP_FACTS: &str = r#"set -e
-f=$1
-DIGEST
-count=$(mktemp)
-(grep -c '^CREATE TABLE' "$f" > "$count" || true) &
-sum=$(digest "$f" | cut -d' ' -f1)
+/// Runs a dump command (the arguments after the file; it writes to standard output) into
+/// the file, counting its tables and taking its SHA-256 as it is written (tee), on the core
+/// the dump leaves idle; then reports its size and last lines.
+const STREAM_DUMP: &str = r#"set -e
+umask 077
+f=$1; shift
+rm -f "$f.fifo" "$f.status" "$f.failed" "$f.count"
+mkfifo "$f.fifo"
+{ grep -c '^CREATE TABLE' < "$f.fifo" || true; } > "$f.count" &
+{ "$@" && s=0 || s=$?; echo "$s" > "$f.status"; } \
+  | { tee "$f" "$f.fifo" || echo tee > "$f.failed"; } \
+  | { if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r; else sha256sum; fi; } \
+  | cut -d' ' -f1 > "$f.sum"
 wait
-echo "tables $(cat "$count")"
-rm -f "$count"
+code=$(cat "$f.status")
+rm -f "$f.fifo" "$f.status"
+if [ "$code" -ne 0 ]; then echo "the dump command exited with status $code" >&2; exit 1; fi
+if [ -e "$f.failed" ]; then echo "writing the dump failed" >&2; exit 1; fi
+echo "tables $(cat "$f.count")"
 echo "size $(stat -c %s "$f")"
-echo "sha256 $sum"
+echo "sha256 $(cat "$f.sum")"
+rm -f "$f.count" "$f.sum"
 echo tail
 tail -n 8 "$f"
 "#;
+
+/// Dumps the database into `path` through [`STREAM_DUMP`]; answers the facts and the tail.
+async fn stream_dump(
+    site: &Site<'_>,
+    access: &hefring_core::environment::DatabaseAccess,
+    path: &str,
+    tool_name: &str,
+) -> Result<(BTreeMap<String, String>, String), TaskError> {
+    let dump = dump_command(site, access, "/dev/stdout");
+    let mut args = vec![path.to_string()];
+    args.extend(dump.argv);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let spec = crate::tasks::server::script_spec(STREAM_DUMP, &args).envs(dump.env);
+    let (code, out) = run_captured(site.server.exec.as_ref(), &spec, site.server.log).await?;
+    require_success(code, tool_name)?;
+    Ok(facts_of(&out))
+}
 
 /// SQLite's online backup of a live database, checked for integrity and against the tables
 /// of the original.
@@ -212,13 +238,7 @@ async fn dump_into(
                 ),
             )
             .await?;
-            let spec = dump_command(site, &access, &path);
-            require_success(site.server.run(&spec).await?, "mysqldump")?;
-            let out = site
-                .server
-                .sh_output("reading the dump", &with_digest(SQL_DUMP_FACTS), &[&path])
-                .await?;
-            let (facts, tail) = facts_of(&out);
+            let (facts, tail) = stream_dump(site, &access, &path, "mysqldump").await?;
             (facts, tail, catalog.trim().parse::<u64>().ok())
         }
         DatabaseKind::Postgresql => {
@@ -235,13 +255,7 @@ async fn dump_into(
                 "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema');",
             )
             .await?;
-            let spec = dump_command(site, &access, &path);
-            require_success(site.server.run(&spec).await?, "pg_dump")?;
-            let out = site
-                .server
-                .sh_output("reading the dump", &with_digest(SQL_DUMP_FACTS), &[&path])
-                .await?;
-            let (facts, tail) = facts_of(&out);
+            let (facts, tail) = stream_dump(site, &access, &path, "pg_dump").await?;
             (facts, tail, catalog.trim().parse::<u64>().ok())
         }
         DatabaseKind::Sqlite => {

@@ -338,10 +338,13 @@ async fn a_truncated_dump_or_an_unreadable_file_fails_the_backup() {
     std::fs::write(
         &wrapper,
         r#"#!/bin/sh
-/usr/bin/mariadb-dump "$@" || exit $?
-for a in "$@"; do case "$a" in --result-file=*) f="${a#--result-file=}";; esac; done
-[ -n "$f" ] && [ -f "$(dirname "$0")/truncate" ] || exit 0
-head -n 20 "$f" > "$f.cut" && mv "$f.cut" "$f"
+# Told to, it cuts the dump short (it writes to standard output, or to --result-file
+# /dev/stdout) and says all went well.
+if [ -f "$(dirname "$0")/truncate" ]; then
+  /usr/bin/mariadb-dump "$@" | head -n 20
+  exit 0
+fi
+exec /usr/bin/mariadb-dump "$@"
 "#,
     )
     .unwrap();
