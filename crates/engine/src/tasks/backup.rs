@@ -293,6 +293,8 @@ async fn dump_into(
 /// Lists the SHA-256 of every persistent file into `files.sha256` (read as the web user) and
 /// reports how many, their bytes and the listing's SHA-256. Any file that cannot be read fails.
 const HASH_FILES: &str = r#"set -e
+# Byte order, whatever the target's locale: the restore recomputes this listing elsewhere.
+export LC_ALL=C
 files=$1; listing=$2
 DIGEST
 cd "$files"
@@ -857,6 +859,7 @@ fn restore_dir(site: &Site<'_>, t: &TaskContext<'_>) -> String {
 /// Unpacks and checks an archive: its own SHA-256, then the dump's and the files'.
 const UNPACK: &str = r#"set -e
 umask 077
+export LC_ALL=C
 archive=$1; work=$2
 DIGEST
 rm -rf "$work"; mkdir -p "$work"; chmod 700 "$work"
