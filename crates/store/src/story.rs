@@ -413,6 +413,14 @@ pub async fn environments_unique_among_live(store: &dyn Store) {
         .await
         .unwrap();
     // A migration moves an environment to another target.
+    store
+        .insert_target(&TargetRecord {
+            id: "tgt_f".into(),
+            name: "web2".into(),
+            ..target.clone()
+        })
+        .await
+        .unwrap();
     let mut moved = live.clone();
     moved.target_id = "tgt_f".into();
     store.update_environment(&moved).await.unwrap();
