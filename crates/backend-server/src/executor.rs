@@ -242,16 +242,28 @@ pub(crate) async fn run_child(
         program: program.into(),
         source,
     };
-    if let (Some(bytes), Some(mut pipe)) = (bytes, child.stdin.take()) {
-        pipe.write_all(&bytes).await.map_err(io_err)?;
-        drop(pipe);
-    }
+    // Standard input is written while the output is read: a command that answers before it
+    // has read all its input (xargs) would otherwise fill its output pipe and wait for us
+    // while we wait for it to read.
+    let stdin = child.stdin.take();
+    let feed = async move {
+        if let (Some(bytes), Some(mut pipe)) = (bytes, stdin) {
+            // A command that exits without reading all of it is not an error of ours.
+            match pipe.write_all(&bytes).await {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    };
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
-    let (out, err) = tokio::join!(
+    let (fed, out, err) = tokio::join!(
+        feed,
         forward_lines(stdout, Stream::Stdout, sink),
         forward_lines(stderr, Stream::Stderr, sink)
     );
+    fed.map_err(io_err)?;
     out.map_err(io_err)?;
     err.map_err(io_err)?;
     let status = child.wait().await.map_err(io_err)?;
@@ -305,6 +317,27 @@ mod tests {
                 (Stream::Stderr, "two".to_string())
             ]
         );
+    }
+
+    /// xargs answers while it still reads: with a large input, writing all of it before
+    /// reading any output would wait forever.
+    #[tokio::test]
+    async fn a_large_input_and_output_flow_at_the_same_time() {
+        let count = std::sync::atomic::AtomicUsize::new(0);
+        let sink = |s: Stream, _: String| {
+            if s == Stream::Stdout {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
+        let input: String = (0..100_000).map(|i| format!("line-{i:06}\n")).collect();
+        let spec = CommandSpec::new(["sh", "-c", "xargs -n 100 printf '%s\\n'"]).stdin(input);
+        let run = LocalExecutor.run(&spec, &sink);
+        let code = tokio::time::timeout(std::time::Duration::from_secs(60), run)
+            .await
+            .expect("no deadlock")
+            .unwrap();
+        assert_eq!(code, Some(0));
+        assert_eq!(count.load(std::sync::atomic::Ordering::Relaxed), 100_000);
     }
 
     #[tokio::test]
