@@ -10,10 +10,11 @@ use crate::environments::{
 };
 use crate::harness::{Repo, Server};
 
-/// Appends the run to `cron.log` in the persistent files; sleeps while `SLOW` is there.
+/// Appends the run to `cron.log` in the persistent files; sleeps while `SLOW` is there (PHP
+/// caches what it learnt of a file: the cache is cleared each time round).
 const CRON: &str = r#"<?php
 $files = getenv('FILES_DIR');
-while (is_file("$files/SLOW")) { usleep(100000); }
+while (is_file("$files/SLOW")) { usleep(100000); clearstatcache(); }
 file_put_contents("$files/cron.log", "ran\n", FILE_APPEND);
 echo "cron ran\n";
 "#;
