@@ -7,7 +7,8 @@
 //! schedules and retention without waiting for real days.
 //!
 //! What it remembers lives in the store's settings: per environment and job, the time of the
-//! last pass that looked (a job is due when a slot of its schedule lies after it, up to now).
+//! pass that last ran it, or first saw it (a job is due when a slot of its schedule lies
+//! after that, up to now).
 //! A scheduler that was down runs a due job once, not once per missed slot. The first pass
 //! that sees a job only starts counting.
 
@@ -62,11 +63,13 @@ async fn due(
         state.store.set_setting(&key, &now.to_string()).await?;
         return Ok(None);
     };
-    if now <= last {
+    // Remembered only when the job fires: a pass that finds nothing due writes nothing (it
+    // runs every second, for every environment).
+    let Some(slot) = schedule.next_after(last).filter(|slot| *slot <= now) else {
         return Ok(None);
-    }
+    };
     state.store.set_setting(&key, &now.to_string()).await?;
-    Ok(schedule.next_after(last).filter(|slot| *slot <= now))
+    Ok(Some(slot))
 }
 
 async fn cron_running(state: &AppState, env: &str) -> Result<Option<String>, StoreError> {

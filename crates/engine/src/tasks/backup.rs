@@ -23,7 +23,8 @@ use hefring_store::{BackupFilter, BackupRecord, Page};
 use serde_json::json;
 
 use super::environment::{
-    dump_command, load_command, manifest, mariadb_admin, psql_admin, run_sql, served_release, Site,
+    dump_command, load_command, manifest, mariadb_admin, psql_admin, psql_admin_on, run_sql,
+    served_release, Site,
 };
 use crate::run::{require_success, run_captured, TaskContext, TaskError, TaskOutput, TaskResult};
 use crate::time::now_ms;
@@ -242,12 +243,7 @@ async fn dump_into(
             (facts, tail, catalog.trim().parse::<u64>().ok())
         }
         DatabaseKind::Postgresql => {
-            let mut count = psql_admin(site);
-            for arg in count.argv.iter_mut() {
-                if arg == "--dbname=postgres" {
-                    *arg = format!("--dbname={}", access.name);
-                }
-            }
+            let mut count = psql_admin_on(site, &access.name);
             count.argv.push("-At".into());
             let catalog = query(
                 site,

@@ -538,6 +538,11 @@ pub(super) fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
 }
 
 pub(super) fn psql_admin(site: &Site<'_>) -> CommandSpec {
+    psql_admin_on(site, "postgres")
+}
+
+/// `psql` as the target's PostgreSQL admin, connected to `database`.
+pub(super) fn psql_admin_on(site: &Site<'_>, database: &str) -> CommandSpec {
     let admin = &site.server.target.settings.postgresql;
     let mut spec = CommandSpec::new([
         tool(&site.server.target, "psql"),
@@ -548,7 +553,7 @@ pub(super) fn psql_admin(site: &Site<'_>) -> CommandSpec {
         format!("--host={}", admin.host),
         format!("--port={}", admin.port),
         format!("--username={}", admin.user),
-        "--dbname=postgres".into(),
+        format!("--dbname={database}"),
     ]);
     if let Some(password) = &admin.password {
         spec = spec.env("PGPASSWORD", password);
@@ -606,12 +611,7 @@ pub(super) fn dump_command(site: &Site<'_>, access: &DatabaseAccess, path: &str)
 pub(super) fn load_command(site: &Site<'_>, access: &DatabaseAccess, dump: &str) -> CommandSpec {
     match access.kind {
         DatabaseKind::Postgresql => {
-            let mut spec = psql_admin(site);
-            for arg in spec.argv.iter_mut() {
-                if arg == "--dbname=postgres" {
-                    *arg = format!("--dbname={}", access.name);
-                }
-            }
+            let mut spec = psql_admin_on(site, &access.name);
             spec.argv.extend([
                 format!("--command=SET ROLE {}", access.name),
                 format!("--file={dump}"),
