@@ -139,44 +139,43 @@ fn text(facts: &BTreeMap<String, String>, key: &str) -> Result<String, TaskError
         .ok_or_else(|| TaskError(format!("the target did not report {key}")))
 }
 
-/// Runs a dump command (the arguments after the file; it writes to standard output) into
-/// the file, counting its tables and taking its SHA-256 as it is written (tee), on the core
-/// the dump leaves idle; then reports its size and last lines.
-const STREAM_DUMP: &str = r#"set -e
+/// Runs a dump command (the arguments after the file; it writes the file itself), then
+/// counts the dump's tables and takes its SHA-256 at once, each on its own core, from the page
+/// cache; then reports its size and last lines. (The dump writes its file directly: piping
+/// it through tee to a digest and a counter as it is made slowed the dump by a fifth, the
+/// extra processes and pipe copies competing with the database for the cores.)
+const DUMP_AND_CHECK: &str = r#"set -e
 umask 077
 f=$1; shift
-rm -f "$f.fifo" "$f.status" "$f.failed" "$f.count"
-mkfifo "$f.fifo"
-{ grep -c '^CREATE TABLE' < "$f.fifo" || true; } > "$f.count" &
-{ "$@" && s=0 || s=$?; echo "$s" > "$f.status"; } \
-  | { tee "$f" "$f.fifo" || echo tee > "$f.failed"; } \
-  | { if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r; else sha256sum; fi; } \
-  | cut -d' ' -f1 > "$f.sum"
-wait
-code=$(cat "$f.status")
-rm -f "$f.fifo" "$f.status"
+DIGEST
+rm -f "$f" "$f.sum"
+code=0; "$@" || code=$?
 if [ "$code" -ne 0 ]; then echo "the dump command exited with status $code" >&2; exit 1; fi
-if [ -e "$f.failed" ]; then echo "writing the dump failed" >&2; exit 1; fi
-echo "tables $(cat "$f.count")"
+[ -f "$f" ] || { echo "the dump command wrote no file" >&2; exit 1; }
+digest "$f" > "$f.sum" &
+summing=$!
+echo "tables $(grep -c '^CREATE TABLE' "$f" || true)"
+wait "$summing" || { echo "reading the dump failed" >&2; exit 1; }
 echo "size $(stat -c %s "$f")"
-echo "sha256 $(cat "$f.sum")"
-rm -f "$f.count" "$f.sum"
+echo "sha256 $(cut -d' ' -f1 "$f.sum")"
+rm -f "$f.sum"
 echo tail
 tail -n 8 "$f"
 "#;
 
-/// Dumps the database into `path` through [`STREAM_DUMP`]; answers the facts and the tail.
-async fn stream_dump(
+/// Dumps the database into `path` through [`DUMP_AND_CHECK`]; answers the facts and the tail.
+async fn dump_and_check(
     site: &Site<'_>,
     access: &hefring_core::environment::DatabaseAccess,
     path: &str,
     tool_name: &str,
 ) -> Result<(BTreeMap<String, String>, String), TaskError> {
-    let dump = dump_command(site, access, "/dev/stdout");
+    let dump = dump_command(site, access, path);
     let mut args = vec![path.to_string()];
     args.extend(dump.argv);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let spec = crate::tasks::server::script_spec(STREAM_DUMP, &args).envs(dump.env);
+    let spec =
+        crate::tasks::server::script_spec(&with_digest(DUMP_AND_CHECK), &args).envs(dump.env);
     let (code, out) = run_captured(site.server.exec.as_ref(), &spec, site.server.log).await?;
     require_success(code, tool_name)?;
     Ok(facts_of(&out))
@@ -239,7 +238,7 @@ async fn dump_into(
                 ),
             )
             .await?;
-            let (facts, tail) = stream_dump(site, &access, &path, "mysqldump").await?;
+            let (facts, tail) = dump_and_check(site, &access, &path, "mysqldump").await?;
             (facts, tail, catalog.trim().parse::<u64>().ok())
         }
         DatabaseKind::Postgresql => {
@@ -251,7 +250,7 @@ async fn dump_into(
                 "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema');",
             )
             .await?;
-            let (facts, tail) = stream_dump(site, &access, &path, "pg_dump").await?;
+            let (facts, tail) = dump_and_check(site, &access, &path, "pg_dump").await?;
             (facts, tail, catalog.trim().parse::<u64>().ok())
         }
         DatabaseKind::Sqlite => {
@@ -305,24 +304,19 @@ echo "sha256 $(digest "$listing" | cut -d' ' -f1)"
 
 /// Packs the archive: `tar` (passed as the arguments, run as the web user) through zstd.
 /// A tar that fails (2) fails the archive; files that changed while read (1) are reported.
+/// (Its SHA-256 is taken while it is stored, when the cores are no longer busy compressing.)
 const PACK: &str = r#"set -e
 umask 077
 out=$1; level=$2; shift 2
 rm -f "$out.status" "$out.failed"
-# The archive's SHA-256 is taken as it is written (tee), not by reading it again.
-{ { "$@" && s=0 || s=$?; echo "$s" > "$out.status"; } \
-  | { zstd -q -T0 "-$level" -c || echo zstd > "$out.failed"; } \
-  | { tee "$out.part" || echo tee > "$out.failed"; }; } \
-  | { if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r; else sha256sum; fi; } \
-  | cut -d' ' -f1 > "$out.sum"
+{ "$@" && s=0 || s=$?; echo "$s" > "$out.status"; } \
+  | { zstd -q -T0 "-$level" -o "$out.part" -f || echo zstd > "$out.failed"; }
 code=$(cat "$out.status"); rm -f "$out.status"
-if [ -e "$out.failed" ]; then echo "writing the archive failed ($(cat "$out.failed"))" >&2; rm -f "$out.part" "$out.failed" "$out.sum"; exit 1; fi
-if [ "$code" -ge 2 ]; then rm -f "$out.part" "$out.sum"; echo "tar failed (exit status $code)" >&2; exit 1; fi
+if [ -e "$out.failed" ]; then echo "writing the archive failed" >&2; rm -f "$out.part" "$out.failed"; exit 1; fi
+if [ "$code" -ge 2 ]; then rm -f "$out.part"; echo "tar failed (exit status $code)" >&2; exit 1; fi
 if [ "$code" -eq 1 ]; then echo "some files changed while they were read" >&2; fi
 mv -f "$out.part" "$out"
 echo "size $(stat -c %s "$out")"
-echo "sha256 $(cat "$out.sum")"
-rm -f "$out.sum"
 "#;
 
 /// The backup's working directory on the target and its archive beside it.
@@ -419,14 +413,14 @@ async fn dump_step(
 }
 
 /// Step two: write the manifest, pack the archive. Answers the manifest and the archive's
-/// size and SHA-256.
+/// size.
 async fn pack_step(
     t: &TaskContext<'_>,
     site: &Site<'_>,
     backup: &BackupRecord,
     database: Option<DatabasePart>,
     files: Option<FilesPart>,
-) -> Result<(BackupManifest, u64, String), TaskError> {
+) -> Result<(BackupManifest, u64), TaskError> {
     let (stage, archive) = stage_of(site, &backup.id);
     let layout = site.layout();
     let owner = site.server.web_owner();
@@ -506,53 +500,77 @@ async fn pack_step(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = site
         .server
-        .sh_output("packing the archive", &with_digest(PACK), &args)
+        .sh_output("packing the archive", PACK, &args)
         .await?;
     let (facts, _) = facts_of(&out);
     let size = number(&facts, "size")?;
-    let sha256 = text(&facts, "sha256")?;
     site.server.log.info(format!(
         "archive {archive}: {size} bytes, {} files",
         manifest.files.as_ref().map_or(0, |f| f.count)
     ));
-    Ok((manifest, size, sha256))
+    Ok((manifest, size))
 }
 
-/// Step three: into the backup store, then the record says it is ready.
+/// Step three: into the backup store, its SHA-256 taken on the target at the same time
+/// (both read the archive just written, from the page cache), then the record says it is
+/// ready and the working files go. A retry after the record is ready only cleans up.
 async fn store_step(
     t: &TaskContext<'_>,
     site: &Site<'_>,
     backup: &mut BackupRecord,
     manifest: BackupManifest,
     size: u64,
-    sha256: String,
 ) -> Result<(), TaskError> {
     let (stage, archive) = stage_of(site, &backup.id);
-    let store = &t.ctx.backups;
-    if site.server.exec.is_local() {
-        store
-            .put_file(&backup.object_key, std::path::Path::new(&archive))
-            .await
-            .map_err(|e| TaskError(format!("storing the archive: {e}")))?;
-    } else {
-        let local = scratch_file(t, &format!("{}.tar.zst", backup.id))?;
-        site.server.exec.download(&archive, &local).await?;
-        let stored = store.put_file(&backup.object_key, &local).await;
-        let _ = std::fs::remove_file(&local);
-        stored.map_err(|e| TaskError(format!("storing the archive: {e}")))?;
+    if backup.status != "ready" {
+        let store = &t.ctx.backups;
+        let put = async {
+            if site.server.exec.is_local() {
+                store
+                    .put_file(&backup.object_key, std::path::Path::new(&archive))
+                    .await
+                    .map_err(|e| TaskError(format!("storing the archive: {e}")))
+            } else {
+                let local = scratch_file(t, &format!("{}.tar.zst", backup.id))?;
+                site.server.exec.download(&archive, &local).await?;
+                let stored = store.put_file(&backup.object_key, &local).await;
+                let _ = std::fs::remove_file(&local);
+                stored.map_err(|e| TaskError(format!("storing the archive: {e}")))
+            }
+        };
+        let digest = async {
+            let out = site
+                .server
+                .sh_output(
+                    "taking the archive's SHA-256",
+                    &with_digest(
+                        r#"DIGEST
+digest "$1" | cut -d' ' -f1"#,
+                    ),
+                    &[&archive],
+                )
+                .await?;
+            match out.trim() {
+                sum if sum.len() == 64 => Ok(sum.to_string()),
+                other => Err(TaskError(format!(
+                    "the archive's SHA-256 came out as {other:?}"
+                ))),
+            }
+        };
+        let (_, sha256) = tokio::try_join!(put, digest)?;
+        t.log.info(format!(
+            "stored as {} in {}",
+            backup.object_key,
+            store.describe()
+        ));
+        backup.status = "ready".into();
+        backup.size = Some(size as i64);
+        backup.sha256 = Some(sha256);
+        backup.manifest = Some(serde_json::to_value(&manifest).expect("a manifest serialises"));
+        backup.updated_at = now_ms();
+        t.ctx.store.update_backup(backup).await?;
     }
-    t.log.info(format!(
-        "stored as {} in {}",
-        backup.object_key,
-        store.describe()
-    ));
     site.server.remove(&[stage, archive]).await?;
-    backup.status = "ready".into();
-    backup.size = Some(size as i64);
-    backup.sha256 = Some(sha256);
-    backup.manifest = Some(serde_json::to_value(&manifest).expect("a manifest serialises"));
-    backup.updated_at = now_ms();
-    t.ctx.store.update_backup(backup).await?;
     Ok(())
 }
 
@@ -581,8 +599,8 @@ async fn make_backup(
         None => return Err(TaskError::new("the environment is not deployed")),
     };
     let (database, files) = dump_step(site, &manifest, &record, parts).await?;
-    let (archive_manifest, size, sha256) = pack_step(t, site, &record, database, files).await?;
-    store_step(t, site, &mut record, archive_manifest, size, sha256).await?;
+    let (archive_manifest, size) = pack_step(t, site, &record, database, files).await?;
+    store_step(t, site, &mut record, archive_manifest, size).await?;
     t.log
         .info(format!("backup {} of {} is ready", record.id, site.id()));
     Ok(record)
@@ -640,9 +658,9 @@ pub async fn pack_archive(t: &TaskContext<'_>) -> TaskResult {
         serde_json::from_value(t.state["database_part"].clone()).unwrap_or(None);
     let files: Option<FilesPart> =
         serde_json::from_value(t.state["files_part"].clone()).unwrap_or(None);
-    let (manifest, size, sha256) = pack_step(t, &site, &record, database, files).await?;
+    let (manifest, size) = pack_step(t, &site, &record, database, files).await?;
     Ok(TaskOutput::with_state(json!({
-        "archive": {"manifest": manifest, "size": size, "sha256": sha256},
+        "archive": {"manifest": manifest, "size": size},
     })))
 }
 
@@ -653,8 +671,7 @@ pub async fn store_archive(t: &TaskContext<'_>) -> TaskResult {
     let manifest: BackupManifest = serde_json::from_value(archive["manifest"].clone())
         .map_err(|_| TaskError::new("the operation has no archive recorded"))?;
     let size = archive["size"].as_u64().unwrap_or_default();
-    let sha256 = archive["sha256"].as_str().unwrap_or_default().to_string();
-    store_step(t, &site, &mut record, manifest, size, sha256).await?;
+    store_step(t, &site, &mut record, manifest, size).await?;
     Ok(TaskOutput::with_state(
         json!({ "result": { "backup": record.id } }),
     ))

@@ -338,10 +338,14 @@ async fn a_truncated_dump_or_an_unreadable_file_fails_the_backup() {
     std::fs::write(
         &wrapper,
         r#"#!/bin/sh
-# Told to, it cuts the dump short (it writes to standard output, or to --result-file
-# /dev/stdout) and says all went well.
+# Told to, it cuts the dump short (its --result-file, or its standard output) and says all
+# went well.
 if [ -f "$(dirname "$0")/truncate" ]; then
-  /usr/bin/mariadb-dump "$@" | head -n 20
+  out=""
+  for a in "$@"; do case $a in --result-file=*) out=${a#--result-file=} ;; esac; done
+  if [ -z "$out" ]; then /usr/bin/mariadb-dump "$@" | head -n 20; exit 0; fi
+  /usr/bin/mariadb-dump "$@" || exit
+  head -n 20 "$out" > "$out.cut" && mv "$out.cut" "$out"
   exit 0
 fi
 exec /usr/bin/mariadb-dump "$@"
