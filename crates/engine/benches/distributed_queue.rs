@@ -142,14 +142,26 @@ async fn main() {
         .await
         .unwrap();
 
-    // Queue and announce everything first (as the API does), with no worker running.
+    // Queue and announce everything first (as the API does), with no worker running: 16
+    // requests at a time (not measured; only quicker to set up than one at a time).
     let queued = Instant::now();
-    for _ in 0..operations {
-        let op = store.create_operation(&noop(), now_ms()).await.unwrap();
-        publisher.publish(&job(&op)).await.unwrap();
+    let publisher = Arc::new(publisher);
+    let setters: Vec<_> = (0..16)
+        .map(|i| {
+            let (store, publisher) = (store.clone(), publisher.clone());
+            tokio::spawn(async move {
+                for _ in (i..operations).step_by(16) {
+                    let op = store.create_operation(&noop(), now_ms()).await.unwrap();
+                    publisher.publish(&job(&op)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for setter in setters {
+        setter.await.unwrap();
     }
     println!(
-        "queued and announced {operations} operations in {:.2} s (one confirm at a time)",
+        "queued and announced {operations} operations in {:.2} s (16 at a time)",
         queued.elapsed().as_secs_f64()
     );
 
