@@ -187,7 +187,9 @@ impl OperationKind {
                 "run_deploy_commands",
             ],
             // The subject is the new environment: a deploy of the source's release, with a
-            // fresh backup of the source restored into it before it is switched on.
+            // fresh backup of the source restored into it before it is switched on. That
+            // backup only carries the data across: once it is in, its archive goes (clones
+            // and nightly syncs would otherwise fill the backup store with copies).
             OperationKind::EnvironmentClone => &[
                 "take_source_backup",
                 "prepare_target",
@@ -203,6 +205,7 @@ impl OperationKind {
                 "run_deploy_commands",
                 "switch_release",
                 "check_health",
+                "discard_copy",
             ],
             OperationKind::EnvironmentSync => &[
                 "take_source_backup",
@@ -211,6 +214,7 @@ impl OperationKind {
                 "restore_database",
                 "restore_files",
                 "run_deploy_commands",
+                "discard_copy",
             ],
             // A copy on the new target, from a fresh backup, checked before the record
             // switches; the old copy goes last.

@@ -788,7 +788,14 @@ pub async fn prune_backups(t: &TaskContext<'_>) -> TaskResult {
 }
 
 pub async fn remove_archive(t: &TaskContext<'_>) -> TaskResult {
-    let mut record = load_backup(t, &t.op.subject_id).await?;
+    let record = load_backup(t, &t.op.subject_id).await?;
+    delete_archive(t, record).await?;
+    Ok(TaskOutput::done())
+}
+
+/// The archive leaves the store, then the record says so (a retry after a crash in between
+/// deletes a missing object, which stores accept).
+async fn delete_archive(t: &TaskContext<'_>, mut record: BackupRecord) -> Result<(), TaskError> {
     t.ctx
         .backups
         .delete(&record.object_key)
@@ -798,6 +805,20 @@ pub async fn remove_archive(t: &TaskContext<'_>) -> TaskResult {
     record.updated_at = now_ms();
     t.ctx.store.update_backup(&record).await?;
     t.log.info(format!("removed {}", record.object_key));
+    Ok(())
+}
+
+/// The last step of a clone or sync: the backup that carried the data across has been
+/// restored, so its archive goes. Its record stays (`deleted`), so the operation's result
+/// still says what was copied.
+pub async fn discard_copy(t: &TaskContext<'_>) -> TaskResult {
+    let id = t.state["restore_from"]
+        .as_str()
+        .ok_or_else(|| TaskError::new("the operation has no copied backup recorded"))?;
+    let record = load_backup(t, id).await?;
+    if record.kind == "copy" && record.status == "ready" {
+        delete_archive(t, record).await?;
+    }
     Ok(TaskOutput::done())
 }
 

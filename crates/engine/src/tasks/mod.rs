@@ -112,6 +112,7 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::EnvironmentClone | K::EnvironmentSync, "take_source_backup") => {
             backup::take_source_backup(t).await
         }
+        (K::EnvironmentClone | K::EnvironmentSync, "discard_copy") => backup::discard_copy(t).await,
         (
             K::EnvironmentRestore
             | K::EnvironmentClone

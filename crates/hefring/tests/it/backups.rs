@@ -213,6 +213,15 @@ async fn backups_restore_into_the_same_and_another_environment_clone_and_sync() 
         "{body}"
     );
     assert_ne!(database_of(&copy), database_of(&live));
+    // The backup that carried the data across has left the store (and the API, as a
+    // deleted backup does).
+    let carried = op["result"]["backup"].as_str().unwrap().to_string();
+    let (status, record) = server.get(&format!("/backups/{carried}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{record}");
+    assert!(!server
+        .data_dir()
+        .join(format!("backups/backups/{live}/{carried}.tar.zst"))
+        .exists());
 
     // Sync the files only: staging gets live's upload, keeps its own database.
     mariadb(&format!(
@@ -246,6 +255,13 @@ async fn backups_restore_into_the_same_and_another_environment_clone_and_sync() 
         body.contains("rows=4") && body.contains("upload=v3"),
         "{body}"
     );
+    // No copy is left behind by the sync either; the other backups of live are still there.
+    let (_, copies) = server
+        .get(&format!("/backups?environment={live}&kind=copy"))
+        .await;
+    assert_eq!(copies["items"], json!([]), "{copies}");
+    let (_, kept) = server.get(&format!("/backups?environment={live}")).await;
+    assert!(!kept["items"].as_array().unwrap().is_empty(), "{kept}");
 
     // Deleting a backup removes its archive from the store.
     let stored = server
