@@ -22,7 +22,9 @@ pub fn free_port() -> u16 {
 }
 
 /// A target root the web user can traverse, short enough for PHP-FPM's socket paths. When
-/// dropped, it stops the nginx and PHP-FPM that Hefring started there.
+/// dropped, it stops the nginx and PHP-FPM that Hefring started there, and drops the MariaDB
+/// database and user of every environment that lived there (a test rarely deletes its
+/// environments, and the machine's MariaDB outlives the test).
 pub struct TargetRoot(tempfile::TempDir);
 
 impl TargetRoot {
@@ -41,6 +43,25 @@ impl Drop for TargetRoot {
                         .status();
                 }
             }
+        }
+        let Ok(environments) = std::fs::read_dir(self.path().join("environments")) else {
+            return;
+        };
+        let mut sql = String::new();
+        for entry in environments.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            // Names as core::environment derives them: hf_ and the id's lowercase suffix.
+            if let Some(suffix) = id.strip_prefix("env_") {
+                if suffix.chars().all(|c| c.is_ascii_alphanumeric()) {
+                    let name = format!("hf_{}", suffix.to_lowercase());
+                    sql.push_str(&format!(
+                        "DROP DATABASE IF EXISTS `{name}`; DROP USER IF EXISTS '{name}'@'localhost'; DROP USER IF EXISTS '{name}'@'%';"
+                    ));
+                }
+            }
+        }
+        if !sql.is_empty() {
+            let _ = mariadb(&sql);
         }
     }
 }
