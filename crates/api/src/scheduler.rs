@@ -10,7 +10,8 @@
 //! pass that last ran it, or first saw it (a job is due when a slot of its schedule lies
 //! after that, up to now).
 //! A scheduler that was down runs a due job once, not once per missed slot. The first pass
-//! that sees a job only starts counting.
+//! that sees a job only starts counting. Of passes that overlap, one fires a due job: the one
+//! whose compare-and-set of that time wins.
 
 use hefring_core::operation::{OperationKind, OperationStatus};
 use hefring_core::schedule::{EnvironmentSchedules, Schedule};
@@ -46,6 +47,11 @@ fn key(job: &str, env: &str) -> String {
 }
 
 /// Whether the job is due at `now`, remembering that this pass looked. Answers the slot.
+///
+/// Passes may overlap (two `serve` processes on one PostgreSQL, or ticks at once): the time a
+/// pass read is replaced only if no other pass replaced it meanwhile, and only the pass whose
+/// write wins fires the job (the others would queue a duplicate, or count the winner's run as
+/// a skipped one).
 async fn due(
     state: &AppState,
     job: &str,
@@ -54,13 +60,12 @@ async fn due(
     now: i64,
 ) -> Result<Option<i64>, StoreError> {
     let key = key(job, env);
-    let last = state
-        .store
-        .get_setting(&key)
-        .await?
-        .and_then(|v| v.parse::<i64>().ok());
-    let Some(last) = last else {
-        state.store.set_setting(&key, &now.to_string()).await?;
+    let seen = state.store.get_setting(&key).await?;
+    let Some(last) = seen.as_deref().and_then(|v| v.parse::<i64>().ok()) else {
+        state
+            .store
+            .replace_setting(&key, seen.as_deref(), &now.to_string())
+            .await?;
         return Ok(None);
     };
     // Remembered only when the job fires: a pass that finds nothing due writes nothing (it
@@ -68,8 +73,11 @@ async fn due(
     let Some(slot) = schedule.next_after(last).filter(|slot| *slot <= now) else {
         return Ok(None);
     };
-    state.store.set_setting(&key, &now.to_string()).await?;
-    Ok(Some(slot))
+    let won = state
+        .store
+        .replace_setting(&key, seen.as_deref(), &now.to_string())
+        .await?;
+    Ok(won.then_some(slot))
 }
 
 async fn cron_running(state: &AppState, env: &str) -> Result<Option<String>, StoreError> {

@@ -251,6 +251,11 @@ pub trait Store: Send + Sync + 'static {
     // Settings
     async fn get_setting(&self, key: &str) -> Result<Option<String>>;
     async fn set_setting(&self, key: &str, value: &str) -> Result<()>;
+    /// Sets `key` to `value` only if it still holds `expected` (`None`: only if it is not set
+    /// yet); answers whether it did. Several processes sharing a database use it to agree on
+    /// who acts on a value (the scheduler: which pass fires a job).
+    async fn replace_setting(&self, key: &str, expected: Option<&str>, value: &str)
+        -> Result<bool>;
 
     // API tokens
     async fn insert_token(&self, token: &TokenRecord) -> Result<()>;

@@ -1527,6 +1527,35 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn replace_setting(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool> {
+        let done = match expected {
+            None => {
+                sqlx::query(
+                    "INSERT INTO settings (key, value) VALUES ($1, $2)
+                     ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(key)
+                .bind(value)
+                .execute(&self.pool)
+                .await?
+            }
+            Some(expected) => {
+                sqlx::query("UPDATE settings SET value = $1 WHERE key = $2 AND value = $3")
+                    .bind(value)
+                    .bind(key)
+                    .bind(expected)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn insert_token(&self, t: &TokenRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO api_tokens (id, name, token_sha256, role, created_at)

@@ -1444,6 +1444,33 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn replace_setting(
+        &self,
+        key: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool> {
+        let (key, expected, value) = (
+            key.to_string(),
+            expected.map(str::to_string),
+            value.to_string(),
+        );
+        self.write(move |conn| {
+            let changed = match expected {
+                None => conn
+                    .prepare_cached(
+                        "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                    )?
+                    .execute([key, value])?,
+                Some(expected) => conn
+                    .prepare_cached("UPDATE settings SET value = ? WHERE key = ? AND value = ?")?
+                    .execute([value, key, expected])?,
+            };
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn insert_token(&self, t: &TokenRecord) -> Result<()> {
         let t = t.clone();
         self.write(move |conn| {

@@ -540,6 +540,39 @@ pub async fn environments_unique_among_live(store: &dyn Store) {
     ));
 }
 
+/// A setting replaced only while it holds the expected value: of two writers that read the
+/// same value, one wins.
+pub async fn settings_compare_and_set(store: &dyn Store) {
+    assert!(store.replace_setting("s.k", None, "1").await.unwrap());
+    assert!(!store.replace_setting("s.k", None, "2").await.unwrap());
+    assert_eq!(
+        store.get_setting("s.k").await.unwrap().as_deref(),
+        Some("1")
+    );
+    assert!(!store.replace_setting("s.k", Some("0"), "2").await.unwrap());
+    assert!(store.replace_setting("s.k", Some("1"), "2").await.unwrap());
+    assert!(!store.replace_setting("s.k", Some("1"), "3").await.unwrap());
+    assert_eq!(
+        store.get_setting("s.k").await.unwrap().as_deref(),
+        Some("2")
+    );
+    // Writers that all read "2": the first to write wins, the rest see it changed.
+    let mut won = Vec::new();
+    for i in 0..4 {
+        won.push(
+            store
+                .replace_setting("s.k", Some("2"), &format!("from-2-{i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(won, [true, false, false, false]);
+    assert_eq!(
+        store.get_setting("s.k").await.unwrap().as_deref(),
+        Some("from-2-0")
+    );
+}
+
 #[cfg(test)]
 mod sqlite {
     use super::*;
@@ -570,7 +603,8 @@ mod sqlite {
         logs_in_order,
         targets_page_newest_first,
         environments_unique_among_live,
-        redeliveries_are_counted
+        redeliveries_are_counted,
+        settings_compare_and_set
     );
 }
 
@@ -707,7 +741,8 @@ mod postgres {
         logs_in_order,
         targets_page_newest_first,
         environments_unique_among_live,
-        redeliveries_are_counted
+        redeliveries_are_counted,
+        settings_compare_and_set
     );
 
     /// Several worker processes (a pool each) claiming at once: every operation is claimed

@@ -146,6 +146,27 @@ async fn cron_runs_on_schedule_and_scheduled_backups_keep_their_retention() {
     assert_eq!(shown["last_skipped_at"], "2030-01-06T05:50:00.000Z");
     assert_eq!(runs(), 3);
 
+    // Passes that overlap (a second `serve` on the same database, or ticks at once) fire a
+    // slot once, and none of them counts the others' run as a skip: only the pass whose write
+    // replaces the time it read starts the run.
+    let passes =
+        futures::future::join_all((0..8).map(|_| tick(&server, "2030-01-06T06:00:00Z"))).await;
+    let started: Vec<&Value> = passes
+        .iter()
+        .flat_map(|p| p["started"].as_array().unwrap())
+        .collect();
+    assert_eq!(started.len(), 1, "{passes:?}");
+    assert!(
+        passes
+            .iter()
+            .all(|p| p["skipped"].as_array().unwrap().is_empty()),
+        "{passes:?}"
+    );
+    server.wait_op(started[0]["id"].as_str().unwrap()).await;
+    assert_eq!(runs(), 4);
+    let (_, shown) = server.get(&format!("/environments/{env}/schedules")).await;
+    assert_eq!(shown["skipped_cron_runs"], 1, "{shown}");
+
     // Scheduled backups, daily at 03:00, keeping 2 daily and 3 weekly; a manual backup is
     // never pruned. Back to the manifest's hourly cron.
     let manual = server
