@@ -8,9 +8,11 @@
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 (trust, as on these machines) and RabbitMQ on
 //! 127.0.0.1:5672 (guest/guest); makes a database and a vhost of its own and removes them.
-//! Prints: drain throughput (operations queued and announced beforehand, drained from the
-//! worker's start) and dispatch latency (announce to task start) p50/p99/max with an idle
-//! worker. Compare with `benches/celery_drain.sh` in the same run.
+//! Prints: what the broker alone drains (the same number of messages delivered and acked,
+//! no store: the ceiling the store and the worker share the rest of the machine under), drain
+//! throughput (operations queued and announced beforehand, drained from the worker's start)
+//! and dispatch latency (announce to task start) p50/p99/max with an idle worker. Compare
+//! with `benches/celery_drain.sh` in the same run.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -164,6 +166,69 @@ async fn main() {
         "queued and announced {operations} operations in {:.2} s (16 at a time)",
         queued.elapsed().as_secs_f64()
     );
+
+    // The broker alone, for reference: the same number of messages on a queue of their own,
+    // delivered to a consumer with the same prefetch and acked one by one, no store at all.
+    // What is left of the machine for the store and the worker is what this does not take.
+    let broker_queue = "bench.broker-only";
+    let setters: Vec<_> = (0..16)
+        .map(|i| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                for n in (i..operations).step_by(16) {
+                    let job = Job {
+                        operation_id: format!("op_broker_only_{n}"),
+                        kind: "system_noop".into(),
+                        queue: broker_queue.into(),
+                        kwargs: serde_json::json!({}),
+                    };
+                    publisher.publish(&job).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for setter in setters {
+        setter.await.unwrap();
+    }
+    let begun = Instant::now();
+    let consumer = Arc::new(
+        AmqpQueue::connect(
+            &broker,
+            AmqpOptions {
+                prefetch: concurrency as u16,
+                ..AmqpOptions::consuming([broker_queue])
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let last_ack = Arc::new(Mutex::new(begun));
+    let drainers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (consumer, acked, last_ack) = (consumer.clone(), acked.clone(), last_ack.clone());
+            tokio::spawn(async move {
+                while acked.load(std::sync::atomic::Ordering::SeqCst) < operations {
+                    let delivery = consumer.next(Duration::from_millis(100)).await.unwrap();
+                    if matches!(delivery, hefring_queue::Delivery::Operation { .. }) {
+                        consumer.ack(&delivery).await.unwrap();
+                        acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        *last_ack.lock().unwrap() = Instant::now();
+                    }
+                }
+            })
+        })
+        .collect();
+    for drainer in drainers {
+        drainer.await.unwrap();
+    }
+    let elapsed = *last_ack.lock().unwrap() - begun;
+    println!(
+        "broker only (reference: deliver and ack, no store): {operations} messages, prefetch {concurrency}: {:.2} s, {:.0} messages/s",
+        elapsed.as_secs_f64(),
+        operations as f64 / elapsed.as_secs_f64()
+    );
+    drop(consumer);
 
     let probe = Arc::new(Probe {
         started: Mutex::default(),
