@@ -592,6 +592,9 @@ async fn make_backup(
 ) -> Result<BackupRecord, TaskError> {
     let mut record = backup_record(t, site.id(), kind, description).await?;
     if record.status == "ready" {
+        // Made by an earlier attempt, which may have stopped before its working files went.
+        let (stage, archive) = stage_of(site, &record.id);
+        site.server.remove(&[stage, archive]).await?;
         return Ok(record);
     }
     let manifest = match &site.env.release_id {
