@@ -54,6 +54,46 @@ struct Probe {
     changed: Notify,
 }
 
+/// CPU seconds this process has used (user and system), from /proc/self/stat.
+fn own_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted from 0 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds the whole machine has been busy (every core, everything but idle and iowait),
+/// from /proc/stat: with [`own_cpu_seconds`], what PostgreSQL and RabbitMQ took.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let ticks: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = ticks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    busy / 100.0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -191,6 +231,8 @@ async fn main() {
         setter.await.unwrap();
     }
     let begun = Instant::now();
+    let cpu_before = own_cpu_seconds();
+    let machine_before = machine_busy_seconds();
     let consumer = Arc::new(
         AmqpQueue::connect(
             &broker,
@@ -223,10 +265,14 @@ async fn main() {
         drainer.await.unwrap();
     }
     let elapsed = *last_ack.lock().unwrap() - begun;
+    let cpu = own_cpu_seconds() - cpu_before;
+    let others = machine_busy_seconds() - machine_before - cpu;
     println!(
-        "broker only (reference: deliver and ack, no store): {operations} messages, prefetch {concurrency}: {:.2} s, {:.0} messages/s",
+        "broker only (reference: deliver and ack, no store): {operations} messages, prefetch {concurrency}: {:.2} s, {:.0} messages/s; CPU a message: the consumer {:.0} us, the rest of the machine (RabbitMQ, the kernel) {:.0} us",
         elapsed.as_secs_f64(),
-        operations as f64 / elapsed.as_secs_f64()
+        operations as f64 / elapsed.as_secs_f64(),
+        cpu * 1e6 / operations as f64,
+        others * 1e6 / operations as f64
     );
     drop(consumer);
 
@@ -254,6 +300,8 @@ async fn main() {
         }
     }));
     let begun = Instant::now();
+    let cpu_before = own_cpu_seconds();
+    let machine_before = machine_busy_seconds();
     let consumer = AmqpQueue::connect(
         &broker,
         AmqpOptions {
@@ -270,10 +318,14 @@ async fn main() {
     let _workers = engine.start(stopped);
     wait_ended(&probe, operations).await;
     let elapsed = begun.elapsed();
+    let cpu = own_cpu_seconds() - cpu_before;
+    let others = machine_busy_seconds() - machine_before - cpu;
     println!(
-        "drain: {operations} operations, concurrency {concurrency}: {:.2} s, {:.0} operations/s",
+        "drain: {operations} operations, concurrency {concurrency}: {:.2} s, {:.0} operations/s; CPU an operation: the worker {:.0} us, the rest of the machine (PostgreSQL, RabbitMQ, the kernel) {:.0} us",
         elapsed.as_secs_f64(),
-        operations as f64 / elapsed.as_secs_f64()
+        operations as f64 / elapsed.as_secs_f64(),
+        cpu * 1e6 / operations as f64,
+        others * 1e6 / operations as f64
     );
 
     // Dispatch latency with an idle worker: announce to task start, one at a time.
