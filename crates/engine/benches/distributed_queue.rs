@@ -94,6 +94,49 @@ fn machine_busy_seconds() -> f64 {
     busy / 100.0
 }
 
+/// The CPU a measured stretch took: this process's own, and the rest of the machine's.
+struct CpuMeter {
+    own: f64,
+    machine: f64,
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        CpuMeter {
+            own: own_cpu_seconds(),
+            machine: machine_busy_seconds(),
+        }
+    }
+
+    /// Microseconds of CPU for each of `count` items: this process's, and everything else's.
+    fn per_item_us(&self, count: usize) -> (f64, f64) {
+        let own = own_cpu_seconds() - self.own;
+        let others = machine_busy_seconds() - self.machine - own;
+        (own * 1e6 / count as f64, others * 1e6 / count as f64)
+    }
+}
+
+/// Runs `work(n)` for every n below `count`, 16 at a time.
+async fn sixteen_at_a_time<F, Fut>(count: usize, work: F)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let work = work.clone();
+            tokio::spawn(async move {
+                for n in (i..count).step_by(16) {
+                    work(n).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -188,20 +231,15 @@ async fn main() {
     // requests at a time (not measured; only quicker to set up than one at a time).
     let queued = Instant::now();
     let publisher = Arc::new(publisher);
-    let setters: Vec<_> = (0..16)
-        .map(|i| {
-            let (store, publisher) = (store.clone(), publisher.clone());
-            tokio::spawn(async move {
-                for _ in (i..operations).step_by(16) {
-                    let op = store.create_operation(&noop(), now_ms()).await.unwrap();
-                    publisher.publish(&job(&op)).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for setter in setters {
-        setter.await.unwrap();
-    }
+    let (into, announcer) = (store.clone(), publisher.clone());
+    sixteen_at_a_time(operations, move |_| {
+        let (store, publisher) = (into.clone(), announcer.clone());
+        async move {
+            let op = store.create_operation(&noop(), now_ms()).await.unwrap();
+            publisher.publish(&job(&op)).await.unwrap();
+        }
+    })
+    .await;
     println!(
         "queued and announced {operations} operations in {:.2} s (16 at a time)",
         queued.elapsed().as_secs_f64()
@@ -211,28 +249,22 @@ async fn main() {
     // delivered to a consumer with the same prefetch and acked one by one, no store at all.
     // What is left of the machine for the store and the worker is what this does not take.
     let broker_queue = "bench.broker-only";
-    let setters: Vec<_> = (0..16)
-        .map(|i| {
-            let publisher = publisher.clone();
-            tokio::spawn(async move {
-                for n in (i..operations).step_by(16) {
-                    let job = Job {
-                        operation_id: format!("op_broker_only_{n}"),
-                        kind: "system_noop".into(),
-                        queue: broker_queue.into(),
-                        kwargs: serde_json::json!({}),
-                    };
-                    publisher.publish(&job).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for setter in setters {
-        setter.await.unwrap();
-    }
+    let announcer = publisher.clone();
+    sixteen_at_a_time(operations, move |n| {
+        let publisher = announcer.clone();
+        async move {
+            let job = Job {
+                operation_id: format!("op_broker_only_{n}"),
+                kind: "system_noop".into(),
+                queue: broker_queue.into(),
+                kwargs: serde_json::json!({}),
+            };
+            publisher.publish(&job).await.unwrap();
+        }
+    })
+    .await;
     let begun = Instant::now();
-    let cpu_before = own_cpu_seconds();
-    let machine_before = machine_busy_seconds();
+    let cpu = CpuMeter::start();
     let consumer = Arc::new(
         AmqpQueue::connect(
             &broker,
@@ -265,14 +297,11 @@ async fn main() {
         drainer.await.unwrap();
     }
     let elapsed = *last_ack.lock().unwrap() - begun;
-    let cpu = own_cpu_seconds() - cpu_before;
-    let others = machine_busy_seconds() - machine_before - cpu;
+    let (own, others) = cpu.per_item_us(operations);
     println!(
-        "broker only (reference: deliver and ack, no store): {operations} messages, prefetch {concurrency}: {:.2} s, {:.0} messages/s; CPU a message: the consumer {:.0} us, the rest of the machine (RabbitMQ, the kernel) {:.0} us",
+        "broker only (reference: deliver and ack, no store): {operations} messages, prefetch {concurrency}: {:.2} s, {:.0} messages/s; CPU a message: the consumer {own:.0} us, the rest of the machine (RabbitMQ, the kernel) {others:.0} us",
         elapsed.as_secs_f64(),
         operations as f64 / elapsed.as_secs_f64(),
-        cpu * 1e6 / operations as f64,
-        others * 1e6 / operations as f64
     );
     drop(consumer);
 
@@ -300,8 +329,7 @@ async fn main() {
         }
     }));
     let begun = Instant::now();
-    let cpu_before = own_cpu_seconds();
-    let machine_before = machine_busy_seconds();
+    let cpu = CpuMeter::start();
     let consumer = AmqpQueue::connect(
         &broker,
         AmqpOptions {
@@ -318,14 +346,11 @@ async fn main() {
     let _workers = engine.start(stopped);
     wait_ended(&probe, operations).await;
     let elapsed = begun.elapsed();
-    let cpu = own_cpu_seconds() - cpu_before;
-    let others = machine_busy_seconds() - machine_before - cpu;
+    let (own, others) = cpu.per_item_us(operations);
     println!(
-        "drain: {operations} operations, concurrency {concurrency}: {:.2} s, {:.0} operations/s; CPU an operation: the worker {:.0} us, the rest of the machine (PostgreSQL, RabbitMQ, the kernel) {:.0} us",
+        "drain: {operations} operations, concurrency {concurrency}: {:.2} s, {:.0} operations/s; CPU an operation: the worker {own:.0} us, the rest of the machine (PostgreSQL, RabbitMQ, the kernel) {others:.0} us",
         elapsed.as_secs_f64(),
         operations as f64 / elapsed.as_secs_f64(),
-        cpu * 1e6 / operations as f64,
-        others * 1e6 / operations as f64
     );
 
     // Dispatch latency with an idle worker: announce to task start, one at a time.

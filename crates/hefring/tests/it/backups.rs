@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
+use hefring_core::environment::database_name;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -13,10 +14,6 @@ use crate::environments::{
     target_root,
 };
 use crate::harness::Server;
-
-fn database_of(env: &str) -> String {
-    format!("hf_{}", env.trim_start_matches("env_").to_lowercase())
-}
 
 async fn new_env(server: &Server, project: &str, target: &str, name: &str, domain: &str) -> String {
     let env = server
@@ -75,7 +72,7 @@ async fn backups_restore_into_the_same_and_another_environment_clone_and_sync() 
     // The first version of live: two rows, an upload saying "v1".
     mariadb(&format!(
         "INSERT INTO {}.hits VALUES (1), (2);",
-        database_of(&live)
+        database_name(&live)
     ))
     .unwrap();
     set_upload(root.path(), &live, "v1");
@@ -154,7 +151,7 @@ async fn backups_restore_into_the_same_and_another_environment_clone_and_sync() 
     // Edit again, restore, and see the first version (plus the row the deploy command adds).
     mariadb(&format!(
         "INSERT INTO {}.hits VALUES (3), (4), (5);",
-        database_of(&live)
+        database_name(&live)
     ))
     .unwrap();
     set_upload(root.path(), &live, "v2");
@@ -212,7 +209,7 @@ async fn backups_restore_into_the_same_and_another_environment_clone_and_sync() 
         body.contains("rows=4") && body.contains("upload=v1"),
         "{body}"
     );
-    assert_ne!(database_of(&copy), database_of(&live));
+    assert_ne!(database_name(&copy), database_name(&live));
     // The backup that carried the data across has left the store (and the API, as a
     // deleted backup does).
     let carried = op["result"]["backup"].as_str().unwrap().to_string();
@@ -226,7 +223,7 @@ async fn backups_restore_into_the_same_and_another_environment_clone_and_sync() 
     // Sync the files only: staging gets live's upload, keeps its own database.
     mariadb(&format!(
         "INSERT INTO {}.hits VALUES (6), (7), (8), (9), (10);",
-        database_of(&live)
+        database_name(&live)
     ))
     .unwrap();
     set_upload(root.path(), &live, "v3");

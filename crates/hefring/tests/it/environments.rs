@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hefring_core::environment::database_name;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -50,14 +51,11 @@ impl Drop for TargetRoot {
         let mut sql = String::new();
         for entry in environments.flatten() {
             let id = entry.file_name().to_string_lossy().into_owned();
-            // Names as core::environment derives them: hf_ and the id's lowercase suffix.
-            if let Some(suffix) = id.strip_prefix("env_") {
-                if suffix.chars().all(|c| c.is_ascii_alphanumeric()) {
-                    let name = format!("hf_{}", suffix.to_lowercase());
-                    sql.push_str(&format!(
-                        "DROP DATABASE IF EXISTS `{name}`; DROP USER IF EXISTS '{name}'@'localhost'; DROP USER IF EXISTS '{name}'@'%';"
-                    ));
-                }
+            if id.starts_with("env_") && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                let name = database_name(&id);
+                sql.push_str(&format!(
+                    "DROP DATABASE IF EXISTS `{name}`; DROP USER IF EXISTS '{name}'@'localhost'; DROP USER IF EXISTS '{name}'@'%';"
+                ));
             }
         }
         if !sql.is_empty() {
@@ -345,7 +343,7 @@ async fn a_php_site_on_mariadb_is_deployed_updated_rolled_back_and_deleted() {
 
     // The generated password is real: the database refuses a wrong one and takes the right
     // one, and it appears in no log.
-    let name = format!("hf_{}", env_id.trim_start_matches("env_").to_lowercase());
+    let name = database_name(&env_id);
     let pool =
         std::fs::read_to_string(root.path().join(format!("php-fpm/pools/{env_id}.conf"))).unwrap();
     let password = pool

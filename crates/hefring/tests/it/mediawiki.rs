@@ -155,20 +155,6 @@ impl WikiRepo {
     }
 }
 
-/// Drops the environment's MariaDB database and users if the test stops before its delete
-/// did (a later assertion failed); harmless when they are already gone.
-struct DropDatabase(String);
-
-impl Drop for DropDatabase {
-    fn drop(&mut self) {
-        let name = &self.0;
-        let _ = mariadb(&format!(
-            "DROP DATABASE IF EXISTS `{name}`; DROP USER IF EXISTS '{name}'@'localhost'; \
-             DROP USER IF EXISTS '{name}'@'%';"
-        ));
-    }
-}
-
 async fn start_build(server: &Server, project: &str, reference: &str) -> String {
     let op = server
         .start_op(
@@ -343,8 +329,7 @@ async fn mediawiki_from_debian_is_deployed_over_http_and_https_updated_rolled_ba
         )
         .await;
     let env_id = env["id"].as_str().unwrap().to_string();
-    let db_name = format!("hf_{}", env_id.trim_start_matches("env_").to_lowercase());
-    let _cleanup = DropDatabase(db_name.clone());
+    let db_name = hefring_core::environment::database_name(&env_id);
 
     let deploy_started = Instant::now();
     let (op, log) = run_env_op(&server, &env_id, "deploy", &release1).await;
@@ -620,7 +605,6 @@ async fn mediawiki_pages_are_backed_up_restored_cloned_synced_and_disabled() {
     let project = project["id"].as_str().unwrap().to_string();
     let release = built(&server, &start_build(&server, &project, "main").await).await;
     let mut envs = Vec::new();
-    let mut cleanup = Vec::new();
     for (name, domain) in [("live", "wiki-live.test"), ("staging", "wiki-staging.test")] {
         let env = server
             .create(
@@ -629,10 +613,6 @@ async fn mediawiki_pages_are_backed_up_restored_cloned_synced_and_disabled() {
             )
             .await;
         let id = env["id"].as_str().unwrap().to_string();
-        cleanup.push(DropDatabase(format!(
-            "hf_{}",
-            id.trim_start_matches("env_").to_lowercase()
-        )));
         let (op, log) = run_env_op(&server, &id, "deploy", &release).await;
         assert_eq!(op["status"], "succeeded", "{op}\n{log}");
         envs.push(id);
@@ -703,10 +683,14 @@ async fn mediawiki_pages_are_backed_up_restored_cloned_synced_and_disabled() {
     )
     .await;
     let copy = op["result"]["environment"].as_str().unwrap().to_string();
-    cleanup.push(DropDatabase(format!(
-        "hf_{}",
-        copy.trim_start_matches("env_").to_lowercase()
-    )));
+    let copy_database = hefring_core::environment::database_name(&copy);
+    assert_eq!(
+        mariadb(&format!("SHOW DATABASES LIKE '{copy_database}'"))
+            .unwrap()
+            .trim(),
+        copy_database,
+        "the clone has a database of its own"
+    );
     let copy_url = base("wiki-copy.test");
     assert_eq!(
         main_page_text(&client, &copy_url).await,

@@ -38,7 +38,7 @@ async fn an_environment_moves_to_another_target_or_stays_when_the_move_fails() {
         server.wait_op(op["id"].as_str().unwrap()).await["status"],
         "succeeded"
     );
-    let database = format!("hf_{}", env.trim_start_matches("env_").to_lowercase());
+    let database = hefring_core::environment::database_name(&env);
     mariadb(&format!("INSERT INTO {database}.hits VALUES (1), (2);")).unwrap();
     let upload =
         |root: &std::path::Path| root.join(format!("environments/{env}/files/uploads/kept.txt"));

@@ -236,7 +236,7 @@ async fn generated_postgresql_passwords_work_under_scram_and_no_admin_secret_lea
         )
         .await;
     let env_id = env["id"].as_str().unwrap().to_string();
-    let name = format!("hf_{}", env_id.trim_start_matches("env_").to_lowercase());
+    let name = hefring_core::environment::database_name(&env_id);
     let op = server
         .start_op(
             &format!("/environments/{env_id}/deploy"),
