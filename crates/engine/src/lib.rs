@@ -5,6 +5,7 @@
 
 pub mod acme;
 mod log;
+mod progress;
 mod run;
 mod tasks;
 mod worker;

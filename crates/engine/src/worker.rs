@@ -8,13 +8,15 @@ use hefring_backend_server::SshKeyPair;
 use hefring_core::operation::{next_task, OperationStatus, TaskStatus};
 use hefring_queue::{Delivery, Queue};
 use hefring_store::{
-    Claim, LeaseState, OperationOutcome, OperationRecord, Store, StoreError, TaskOutcome,
+    Claim, LeaseState, NamedClaim, OperationOutcome, OperationRecord, Store, StoreError,
+    TaskFinish, TaskOutcome, TaskStart,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::log::OperationLog;
+use crate::progress::Recorder;
 use crate::run::{Context, TaskContext, TaskError};
 use crate::tasks;
 use crate::time::now_ms;
@@ -85,6 +87,7 @@ impl EngineConfig {
 
 pub struct Engine {
     ctx: Context,
+    recorder: Recorder,
     queue: Arc<dyn Queue>,
     config: EngineConfig,
     name: String,
@@ -112,6 +115,7 @@ impl Engine {
         let ssh_key = SshKeyPair::ensure(&config.data_dir.join("ssh")).await?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand_u16());
+        let store_for_recorder = store.clone();
         Ok(Arc::new(Engine {
             ctx: Context {
                 store,
@@ -129,6 +133,7 @@ impl Engine {
                 queue: queue.clone(),
                 artifacts: config.artifacts.clone(),
             },
+            recorder: Recorder::start(store_for_recorder, config.queues.clone()),
             queue,
             config,
             name,
@@ -362,7 +367,21 @@ impl Engine {
             queues: &self.config.queues,
             only,
         };
-        let Some(op) = self.ctx.store.claim(&claim).await? else {
+        let claimed = match only {
+            // Named by a broker: claimed together with what other runs record meanwhile.
+            Some(id) => {
+                self.recorder
+                    .claim(NamedClaim {
+                        operation: id.to_string(),
+                        owner: owner.to_string(),
+                        now,
+                        lease_until: claim.lease_until,
+                    })
+                    .await?
+            }
+            None => self.ctx.store.claim(&claim).await?,
+        };
+        let Some(op) = claimed else {
             return Ok(false);
         };
         self.run_operation(op, owner).await;
@@ -413,6 +432,54 @@ impl Engine {
                 tracing::warn!(operation = %op.id, error = %e, "recording the operation failed")
             }
         }
+    }
+
+    /// Records a task's start (batched with the other runs' bookkeeping).
+    async fn start_task(
+        &self,
+        id: &str,
+        owner: &str,
+        position: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.recorder
+            .start_task(TaskStart {
+                operation: id.to_string(),
+                owner: owner.to_string(),
+                position,
+                now,
+            })
+            .await
+    }
+
+    /// Records a task's end, and the operation's when `finish` is given: batched with the
+    /// other runs' bookkeeping unless it carries state to merge.
+    async fn finish_task(
+        &self,
+        id: &str,
+        owner: &str,
+        position: i64,
+        outcome: &TaskOutcome,
+        finish: Option<&OperationOutcome>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        if outcome.state_patch.is_some() {
+            return self
+                .ctx
+                .store
+                .finish_task(id, owner, position, outcome, finish, now)
+                .await;
+        }
+        self.recorder
+            .finish_task(TaskFinish {
+                operation: id.to_string(),
+                owner: owner.to_string(),
+                position,
+                status: outcome.status,
+                finish: finish.cloned(),
+                now,
+            })
+            .await
     }
 
     /// Renews the lease every second (telling the runner about cancel requests and lost
@@ -517,7 +584,7 @@ impl Engine {
                     status: TaskStatus::Failed,
                     state_patch: None,
                 };
-                store
+                self
                     .finish_task(&op.id, owner, task.position, &failed, None, now_ms())
                     .await?;
             }
@@ -532,7 +599,7 @@ impl Engine {
                     .await;
             }
             log.set_task(&task.name);
-            store
+            self
                 .start_task(&op.id, owner, task.position, now_ms())
                 .await?;
             if let Some(observe) = &self.config.observer {
@@ -583,7 +650,7 @@ impl Engine {
                         state_patch: output.state_patch,
                     };
                     if output.skip_remaining && !rest.is_empty() {
-                        store
+                        self
                             .finish_task(&op.id, owner, task.position, &task_outcome, None, now)
                             .await?;
                         let skipped = TaskOutcome {
@@ -592,13 +659,13 @@ impl Engine {
                         };
                         for (i, later) in rest.iter().enumerate() {
                             let finish = (i + 1 == rest.len()).then_some(&success);
-                            store
+                            self
                                 .finish_task(&op.id, owner, later.position, &skipped, finish, now)
                                 .await?;
                         }
                         return Ok(());
                     }
-                    store
+                    self
                         .finish_task(
                             &op.id,
                             owner,
@@ -619,7 +686,7 @@ impl Engine {
                         status: TaskStatus::Failed,
                         state_patch: None,
                     };
-                    store
+                    self
                         .finish_task(&op.id, owner, task.position, &failed, None, now)
                         .await?;
                     return self
@@ -636,7 +703,7 @@ impl Engine {
                         status: TaskStatus::Cancelled,
                         state_patch: None,
                     };
-                    store
+                    self
                         .finish_task(&op.id, owner, task.position, &cancelled, None, now)
                         .await?;
                     return self
@@ -684,7 +751,7 @@ impl Engine {
             .filter(|t| t.rollback && !t.status.is_done())
         {
             log.set_task(&task.name);
-            store
+            self
                 .start_task(&op.id, owner, task.position, now_ms())
                 .await?;
             let context = TaskContext {
@@ -709,7 +776,7 @@ impl Engine {
                 }
             };
             log.flush().await;
-            store
+            self
                 .finish_task(
                     &op.id,
                     owner,

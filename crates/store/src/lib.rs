@@ -245,6 +245,15 @@ pub trait Store: Send + Sync + 'static {
         from_start: bool,
         now: i64,
     ) -> Result<OperationRecord>;
+    /// Records what several operation runs of one worker process did since the last call, in
+    /// this order: task finishes, named claims, task starts. Each item's result is exactly what
+    /// [`Store::finish_task`], [`Store::claim`] (with `only`) or [`Store::start_task`] would
+    /// have answered alone; the items are of different operations. A store that can do them
+    /// set-based in one transaction saves a statement and a commit per item (PostgreSQL);
+    /// the default does them one by one.
+    async fn record_progress(&self, progress: &Progress) -> ProgressMade {
+        record_progress_one_by_one(self, progress).await
+    }
     async fn append_logs(&self, id: &str, lines: &[NewLogLine]) -> Result<()>;
     async fn read_logs(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<LogLine>>;
 
@@ -270,6 +279,101 @@ pub struct Claim<'a> {
     pub lease_until: i64,
     pub queues: &'a [String],
     pub only: Option<&'a str>,
+}
+
+/// A task starting: one item of a [`Progress`].
+#[derive(Clone, Debug)]
+pub struct TaskStart {
+    pub operation: String,
+    pub owner: String,
+    pub position: i64,
+    pub now: i64,
+}
+
+/// A task ending with nothing to merge into the operation's state, and with `finish`, its
+/// operation ending too: one item of a [`Progress`].
+#[derive(Clone, Debug)]
+pub struct TaskFinish {
+    pub operation: String,
+    pub owner: String,
+    pub position: i64,
+    pub status: TaskStatus,
+    pub finish: Option<OperationOutcome>,
+    pub now: i64,
+}
+
+/// A claim of one named operation (a broker delivered it): one item of a [`Progress`].
+#[derive(Clone, Debug)]
+pub struct NamedClaim {
+    pub operation: String,
+    pub owner: String,
+    pub now: i64,
+    pub lease_until: i64,
+}
+
+/// What a worker process's concurrent runs want recorded at once (see
+/// [`Store::record_progress`]). Every claim is restricted to `queues` (empty: any).
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub finishes: Vec<TaskFinish>,
+    pub claims: Vec<NamedClaim>,
+    pub starts: Vec<TaskStart>,
+    pub queues: Vec<String>,
+}
+
+impl Progress {
+    pub fn is_empty(&self) -> bool {
+        self.finishes.is_empty() && self.claims.is_empty() && self.starts.is_empty()
+    }
+}
+
+/// The result of each item of a [`Progress`], in the same order.
+#[derive(Debug, Default)]
+pub struct ProgressMade {
+    pub finishes: Vec<Result<()>>,
+    pub claims: Vec<Result<Option<OperationRecord>>>,
+    pub starts: Vec<Result<()>>,
+}
+
+/// [`Store::record_progress`] one item at a time, with the store's own single-item calls.
+pub async fn record_progress_one_by_one<S: Store + ?Sized>(
+    store: &S,
+    progress: &Progress,
+) -> ProgressMade {
+    let mut made = ProgressMade::default();
+    for f in &progress.finishes {
+        let outcome = TaskOutcome {
+            status: f.status,
+            state_patch: None,
+        };
+        made.finishes.push(
+            store
+                .finish_task(
+                    &f.operation,
+                    &f.owner,
+                    f.position,
+                    &outcome,
+                    f.finish.as_ref(),
+                    f.now,
+                )
+                .await,
+        );
+    }
+    for c in &progress.claims {
+        let claim = Claim {
+            owner: &c.owner,
+            now: c.now,
+            lease_until: c.lease_until,
+            queues: &progress.queues,
+            only: Some(&c.operation),
+        };
+        made.claims.push(store.claim(&claim).await);
+    }
+    for s in &progress.starts {
+        made.starts
+            .push(store.start_task(&s.operation, &s.owner, s.position, s.now).await);
+    }
+    made
 }
 
 /// The queue an operation goes to: its target's own queue when the target has one (for

@@ -13,6 +13,7 @@
 //! merge patch (SQLite's `json_patch`) while its row is locked.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -563,6 +564,69 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// [`Store::record_progress`] set-based: one statement for the finishes, one for the
+    /// claims, one for the starts, in one transaction. Every operation row is found by its
+    /// primary key (`id = ANY`) and its status checked afterwards: with the status in an index
+    /// condition the planner walks the status index, whose `running` entries are mostly dead
+    /// rows of finished operations during a drain.
+    async fn progress_at_once(&self, progress: &Progress) -> Result<ProgressMade> {
+        let mut tx = self.pool.begin().await?;
+        let result = async {
+            let finished = if progress.finishes.is_empty() {
+                HashSet::new()
+            } else {
+                finish_tasks_in(&mut tx, &progress.finishes).await?
+            };
+            let claimed = if progress.claims.is_empty() {
+                HashMap::new()
+            } else {
+                claim_named_in(&mut tx, &progress.claims, &progress.queues).await?
+            };
+            let started = if progress.starts.is_empty() {
+                HashSet::new()
+            } else {
+                start_tasks_in(&mut tx, &progress.starts).await?
+            };
+            Ok((finished, claimed, started))
+        }
+        .await;
+        let (finished, mut claimed, started) = settle(tx, result).await?;
+        let done = |set: &HashSet<(String, i64)>, id: &str, position: i64| {
+            if set.contains(&(id.to_string(), position)) {
+                Ok(())
+            } else {
+                Err(StoreError::LeaseLost(id.into()))
+            }
+        };
+        Ok(ProgressMade {
+            finishes: progress
+                .finishes
+                .iter()
+                .map(|f| done(&finished, &f.operation, f.position))
+                .collect(),
+            claims: progress
+                .claims
+                .iter()
+                .map(|c| {
+                    Ok(match claimed.remove(&c.operation) {
+                        Some((owner, record)) if owner == c.owner => Some(record),
+                        Some(other) => {
+                            // Named twice in the batch: the other request got it.
+                            claimed.insert(c.operation.clone(), other);
+                            None
+                        }
+                        None => None,
+                    })
+                })
+                .collect(),
+            starts: progress
+                .starts
+                .iter()
+                .map(|s| done(&started, &s.operation, s.position))
+                .collect(),
+        })
+    }
+
     /// A read-only transaction on one snapshot, so an operation and its tasks agree.
     async fn snapshot(&self) -> Result<sqlx::Transaction<'static, Postgres>> {
         Ok(self
@@ -570,6 +634,151 @@ impl PostgresStore {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?)
     }
+}
+
+/// The finishes of [`PostgresStore::progress_at_once`]: each task whose operation's lease its
+/// worker still holds ends, and with it the operation when asked. Answers which did.
+async fn finish_tasks_in(
+    conn: &mut PgConnection,
+    finishes: &[TaskFinish],
+) -> Result<HashSet<(String, i64)>> {
+    let ids: Vec<&str> = finishes.iter().map(|f| f.operation.as_str()).collect();
+    let owners: Vec<&str> = finishes.iter().map(|f| f.owner.as_str()).collect();
+    let positions: Vec<i64> = finishes.iter().map(|f| f.position).collect();
+    let statuses: Vec<&str> = finishes.iter().map(|f| f.status.as_str()).collect();
+    let nows: Vec<i64> = finishes.iter().map(|f| f.now).collect();
+    let ends: Vec<Option<&str>> = finishes
+        .iter()
+        .map(|f| f.finish.as_ref().map(|o| o.status.as_str()))
+        .collect();
+    let results: Vec<Option<String>> = finishes
+        .iter()
+        .map(|f| f.finish.as_ref().map(|o| o.result.to_string()))
+        .collect();
+    let errors: Vec<Option<String>> = finishes
+        .iter()
+        .map(|f| {
+            f.finish
+                .as_ref()
+                .and_then(|o| o.error.as_deref())
+                .map(|e| pg_text(e).into_owned())
+        })
+        .collect();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "WITH held AS MATERIALIZED (SELECT o.id, o.lease_owner, o.status FROM operations o
+             WHERE o.id = ANY($1) ORDER BY o.id FOR UPDATE),
+         mine AS (SELECT r.* FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[],
+                 $5::int8[], $6::text[], $7::text[], $8::text[])
+                 AS r(id, owner, position, task_status, now, end_status, result, error)
+             JOIN held h ON h.id = r.id AND h.lease_owner = r.owner AND h.status = 'running'),
+         task AS (UPDATE tasks t SET status = m.task_status, finished_at = m.now,
+                 started_at = CASE WHEN m.task_status = 'skipped' THEN NULL ELSE t.started_at END
+             FROM mine m WHERE t.operation_id = m.id AND t.position = m.position
+             RETURNING t.operation_id, t.position),
+         ended AS (UPDATE operations o SET status = m.end_status, result = m.result,
+                 error = m.error, finished_at = m.now, updated_at = m.now, lease_owner = NULL,
+                 lease_expires_at = NULL, cancel_requested = FALSE
+             FROM mine m JOIN task ON task.operation_id = m.id AND task.position = m.position
+             WHERE o.id = m.id AND m.end_status IS NOT NULL)
+         SELECT operation_id, position FROM task",
+    )
+    .bind(&ids)
+    .bind(&owners)
+    .bind(&positions)
+    .bind(&statuses)
+    .bind(&nows)
+    .bind(&ends)
+    .bind(&results)
+    .bind(&errors)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The claims of [`PostgresStore::progress_at_once`]: each named operation that is claimable
+/// now (queued with its subject free, or running with an expired lease), by whoever named it
+/// first. Answers the claimed operations by id, with who claimed each.
+async fn claim_named_in(
+    conn: &mut PgConnection,
+    claims: &[NamedClaim],
+    queues: &[String],
+) -> Result<HashMap<String, (String, OperationRecord)>> {
+    let ids: Vec<&str> = claims.iter().map(|c| c.operation.as_str()).collect();
+    let owners: Vec<&str> = claims.iter().map(|c| c.owner.as_str()).collect();
+    // One moment for the whole batch: the latest of its requests.
+    let now = claims.iter().map(|c| c.now).max().unwrap_or_default();
+    let until = claims.iter().map(|c| c.lease_until).max().unwrap_or_default();
+    // The rows are found by primary key alone (`id = ANY`): no join for the planner to turn
+    // around, and the status only inside a CASE, which no index or partial-index predicate
+    // matches. A queue table's statistics are always stale; given the choice, the planner
+    // once scanned every queued and running row (their count estimated from a moment when
+    // there were 28) and ran the subject checks on each. An operation named twice goes to
+    // whoever named it first (`array_position`). `x.id <> o.id` keeps the subject check a
+    // probe per row (with equalities alone it may be hashed over every running entry); the
+    // claimed row is queued, so it changes nothing else.
+    let rows = sqlx::query(
+        "UPDATE operations o SET status = 'running',
+             lease_owner = ($2::text[])[array_position($1::text[], o.id)],
+             lease_expires_at = $4, started_at = COALESCE(o.started_at, $3), updated_at = $3
+         WHERE o.id = ANY($1)
+           AND CASE o.status
+               WHEN 'queued' THEN
+                   NOT EXISTS (SELECT 1 FROM operations x
+                       WHERE x.subject_id = o.subject_id AND x.status = 'running' AND x.id <> o.id)
+                   AND NOT EXISTS (SELECT 1 FROM operations q
+                       WHERE q.subject_id = o.subject_id AND q.status = 'queued'
+                         AND (q.queued_at < o.queued_at OR (q.queued_at = o.queued_at AND q.id < o.id)))
+               WHEN 'running' THEN o.lease_expires_at < $3
+               ELSE FALSE END
+           AND (cardinality($5::text[]) = 0 OR o.queue = ANY($5))
+         RETURNING o.lease_owner AS claimed_by, o.*,
+             (SELECT COALESCE(json_agg(json_build_array(t.position, t.name, t.status, t.attempts,
+                 t.rollback, t.started_at, t.finished_at) ORDER BY t.position), '[]')::text
+              FROM tasks t WHERE t.operation_id = o.id) AS tasks_json",
+    )
+    .bind(&ids)
+    .bind(&owners)
+    .bind(now)
+    .bind(until)
+    .bind(queues)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            let tasks = tasks_from_json(&row.try_get::<String, _>("tasks_json")?)?;
+            let record = operation_from_row(row, tasks)?;
+            Ok((record.id.clone(), (row.try_get("claimed_by")?, record)))
+        })
+        .collect()
+}
+
+/// The starts of [`PostgresStore::progress_at_once`]: each task whose operation's lease its
+/// worker still holds starts. Answers which did.
+async fn start_tasks_in(
+    conn: &mut PgConnection,
+    starts: &[TaskStart],
+) -> Result<HashSet<(String, i64)>> {
+    let ids: Vec<&str> = starts.iter().map(|s| s.operation.as_str()).collect();
+    let owners: Vec<&str> = starts.iter().map(|s| s.owner.as_str()).collect();
+    let positions: Vec<i64> = starts.iter().map(|s| s.position).collect();
+    let nows: Vec<i64> = starts.iter().map(|s| s.now).collect();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "WITH held AS MATERIALIZED (SELECT o.id, o.lease_owner, o.status FROM operations o
+             WHERE o.id = ANY($1) ORDER BY o.id FOR UPDATE)
+         UPDATE tasks t SET status = 'running', attempts = t.attempts + 1, started_at = r.now,
+             finished_at = NULL
+         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS r(id, owner, position, now)
+         JOIN held h ON h.id = r.id AND h.lease_owner = r.owner AND h.status = 'running'
+         WHERE t.operation_id = r.id AND t.position = r.position
+         RETURNING t.operation_id, t.position",
+    )
+    .bind(&ids)
+    .bind(&owners)
+    .bind(&positions)
+    .bind(&nows)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// One claim attempt, in the caller's transaction. A unique violation comes back as an error
@@ -1445,6 +1654,27 @@ impl Store for PostgresStore {
                 Err(active_duplicate(&mut conn, &key).await?)
             }
             other => settle(tx, other).await,
+        }
+    }
+
+    async fn record_progress(&self, progress: &Progress) -> ProgressMade {
+        let items = progress.finishes.len() + progress.claims.len() + progress.starts.len();
+        // One item goes faster alone (one statement, no BEGIN and COMMIT round trips), and a
+        // cancel also marks the operation's unfinished tasks, which only the single path does.
+        let cancels = progress.finishes.iter().any(|f| {
+            f.finish
+                .as_ref()
+                .is_some_and(|o| o.status == OperationStatus::Cancelled)
+        });
+        if items <= 1 || cancels {
+            return record_progress_one_by_one(self, progress).await;
+        }
+        match self.progress_at_once(progress).await {
+            Ok(made) => made,
+            // A statement failed (a claim lost a race to a unique index, a deadlock with
+            // another process, a connection lost): the transaction changed nothing, so each
+            // item is done alone and gets its own answer.
+            Err(_) => record_progress_one_by_one(self, progress).await,
         }
     }
 

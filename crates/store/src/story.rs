@@ -573,6 +573,213 @@ pub async fn settings_compare_and_set(store: &dyn Store) {
     );
 }
 
+/// Creates an operation and claims it for `owner` (lease until 1 000 000).
+async fn running(store: &dyn Store, id: &str, subject: &str, owner: &str) -> OperationRecord {
+    store
+        .create_operation(&new_op(id, subject, json!({})), 1)
+        .await
+        .unwrap();
+    let claim = Claim {
+        owner,
+        now: 10,
+        lease_until: 1_000_000,
+        queues: &[],
+        only: Some(id),
+    };
+    store.claim(&claim).await.unwrap().expect("claimable")
+}
+
+fn finish(id: &str, owner: &str, position: i64, status: TaskStatus) -> TaskFinish {
+    TaskFinish {
+        operation: id.into(),
+        owner: owner.into(),
+        position,
+        status,
+        finish: None,
+        now: 20_000,
+    }
+}
+
+fn named(id: &str, owner: &str) -> NamedClaim {
+    NamedClaim {
+        operation: id.into(),
+        owner: owner.into(),
+        now: 20_000,
+        lease_until: 35_000,
+    }
+}
+
+fn lease_lost<T: std::fmt::Debug>(result: &Result<T>, id: &str) -> bool {
+    matches!(result, Err(StoreError::LeaseLost(lost)) if lost == id)
+}
+
+/// Several runs' finishes, claims and starts recorded at once answer each item as if it were
+/// recorded alone: lost leases, busy subjects, other queues and names given twice included.
+pub async fn progress_recorded_together(store: &dyn Store) {
+    let ends = running(store, "op_p5", "prj_p5", "w5").await;
+    store.start_task("op_p5", "w5", 0, 11).await.unwrap();
+    running(store, "op_p6", "prj_p6", "w6").await;
+    store.start_task("op_p6", "w6", 0, 12).await.unwrap();
+    running(store, "op_p7", "prj_p7", "w7").await;
+    running(store, "op_p8", "prj_p8", "w8").await;
+    running(store, "op_p10", "prj_p10", "w10").await;
+    // Expired at 20 000: taken over by a claim.
+    store
+        .create_operation(&new_op("op_p9", "prj_p9", json!({})), 1)
+        .await
+        .unwrap();
+    let mut expiring = claim("w9", 10, &[]);
+    expiring.only = Some("op_p9");
+    store.claim(&expiring).await.unwrap().unwrap();
+    store.start_task("op_p9", "w9", 0, 13).await.unwrap();
+    // Queued: op_p3 behind op_p1 on one subject, op_p4 on another queue.
+    for (id, subject, queue) in [
+        ("op_p1", "prj_p1", "hefring"),
+        ("op_p3", "prj_p1", "hefring"),
+        ("op_p4", "prj_p4", "hefring.target.x"),
+    ] {
+        let mut new = new_op(id, subject, json!({ "for": id }));
+        new.queue = queue.into();
+        store.create_operation(&new, 2).await.unwrap();
+    }
+
+    let mut ending = finish("op_p5", "w5", 0, TaskStatus::Succeeded);
+    ending.finish = Some(OperationOutcome {
+        status: OperationStatus::Succeeded,
+        result: json!({"n": 5}),
+        error: None,
+    });
+    let progress = Progress {
+        finishes: vec![
+            ending,
+            finish("op_p6", "w6", 0, TaskStatus::Succeeded),
+            finish("op_p8", "someone-else", 0, TaskStatus::Succeeded),
+            finish("op_p10", "w10", 0, TaskStatus::Skipped),
+        ],
+        claims: vec![
+            named("op_p1", "c1"),
+            named("op_p1", "c2"),
+            named("op_p3", "c3"),
+            named("op_p4", "c4"),
+            named("op_p9", "c9"),
+            named("op_nothing", "c0"),
+        ],
+        starts: vec![
+            TaskStart {
+                operation: "op_p7".into(),
+                owner: "w7".into(),
+                position: 0,
+                now: 20_001,
+            },
+            TaskStart {
+                operation: "op_p8".into(),
+                owner: "w7".into(),
+                position: 0,
+                now: 20_001,
+            },
+        ],
+        queues: vec!["hefring".into()],
+    };
+    let made = store.record_progress(&progress).await;
+
+    assert!(made.finishes[0].is_ok() && made.finishes[1].is_ok() && made.finishes[3].is_ok());
+    assert!(lease_lost(&made.finishes[2], "op_p8"), "{:?}", made.finishes);
+    let claimed: Vec<Option<String>> = made
+        .claims
+        .iter()
+        .map(|c| c.as_ref().unwrap().as_ref().map(|op| op.id.clone()))
+        .collect();
+    assert_eq!(
+        claimed,
+        [Some("op_p1".into()), None, None, None, Some("op_p9".into()), None],
+        "op_p1 once, op_p3 behind it, op_p4 on another queue, op_p9 taken over"
+    );
+    assert!(made.starts[0].is_ok());
+    assert!(lease_lost(&made.starts[1], "op_p8"), "{:?}", made.starts);
+
+    // Exactly what the single calls would have left.
+    let p5 = store.get_operation("op_p5").await.unwrap().unwrap();
+    assert_eq!(p5.status, OperationStatus::Succeeded);
+    assert_eq!((p5.result, p5.finished_at), (json!({"n": 5}), Some(20_000)));
+    assert_eq!(p5.tasks[0].status, TaskStatus::Succeeded);
+    assert_eq!(p5.tasks[0].started_at, Some(11));
+    assert_eq!(p5.tasks[1..], ends.tasks[1..], "later tasks untouched");
+    assert_eq!(
+        store.renew_lease("op_p5", "w5", 50_000).await.unwrap(),
+        LeaseState::Lost,
+        "an ended operation's lease is gone"
+    );
+    let p6 = store.get_operation("op_p6").await.unwrap().unwrap();
+    assert_eq!(p6.status, OperationStatus::Running);
+    assert_eq!(
+        (p6.tasks[0].status, p6.tasks[0].finished_at),
+        (TaskStatus::Succeeded, Some(20_000))
+    );
+    let p10 = store.get_operation("op_p10").await.unwrap().unwrap();
+    assert_eq!(
+        (p10.tasks[0].status, p10.tasks[0].started_at),
+        (TaskStatus::Skipped, None)
+    );
+    let p8 = store.get_operation("op_p8").await.unwrap().unwrap();
+    assert_eq!(p8.tasks[0].status, TaskStatus::Pending, "no lease, no change");
+    let p7 = store.get_operation("op_p7").await.unwrap().unwrap();
+    assert_eq!(
+        (p7.tasks[0].status, p7.tasks[0].attempts, p7.tasks[0].started_at),
+        (TaskStatus::Running, 1, Some(20_001))
+    );
+    let p1 = store.get_operation("op_p1").await.unwrap().unwrap();
+    assert_eq!(
+        Some(&p1),
+        made.claims[0].as_ref().unwrap().as_ref(),
+        "a claim answers the operation as stored, tasks included"
+    );
+    assert_eq!((p1.status, p1.started_at), (OperationStatus::Running, Some(20_000)));
+    assert_eq!(
+        store.renew_lease("op_p1", "c1", 36_000).await.unwrap(),
+        LeaseState::Held {
+            cancel_requested: false
+        }
+    );
+    assert_eq!(
+        store.renew_lease("op_p9", "w9", 36_000).await.unwrap(),
+        LeaseState::Lost,
+        "taken over"
+    );
+    let p9 = store.get_operation("op_p9").await.unwrap().unwrap();
+    assert_eq!(p9.tasks[0].attempts, 1);
+    for queued in ["op_p3", "op_p4"] {
+        let op = store.get_operation(queued).await.unwrap().unwrap();
+        assert_eq!(op.status, OperationStatus::Queued, "{queued}");
+    }
+
+    // A cancel among them also marks the operation's unfinished tasks cancelled.
+    let mut cancelled = finish("op_p6", "w6", 1, TaskStatus::Cancelled);
+    cancelled.finish = Some(OperationOutcome {
+        status: OperationStatus::Cancelled,
+        result: json!({}),
+        error: None,
+    });
+    let made = store
+        .record_progress(&Progress {
+            finishes: vec![cancelled],
+            starts: vec![TaskStart {
+                operation: "op_p7".into(),
+                owner: "w7".into(),
+                position: 1,
+                now: 20_002,
+            }],
+            ..Progress::default()
+        })
+        .await;
+    assert!(made.finishes[0].is_ok() && made.starts[0].is_ok());
+    let p6 = store.get_operation("op_p6").await.unwrap().unwrap();
+    assert_eq!(p6.status, OperationStatus::Cancelled);
+    assert!(p6.tasks[1..]
+        .iter()
+        .all(|t| t.status == TaskStatus::Cancelled));
+    assert_eq!(p6.tasks[0].status, TaskStatus::Succeeded);
+}
+
 #[cfg(test)]
 mod sqlite {
     use super::*;
@@ -604,7 +811,8 @@ mod sqlite {
         targets_page_newest_first,
         environments_unique_among_live,
         redeliveries_are_counted,
-        settings_compare_and_set
+        settings_compare_and_set,
+        progress_recorded_together
     );
 }
 
@@ -742,7 +950,8 @@ mod postgres {
         targets_page_newest_first,
         environments_unique_among_live,
         redeliveries_are_counted,
-        settings_compare_and_set
+        settings_compare_and_set,
+        progress_recorded_together
     );
 
     /// Several worker processes (a pool each) claiming at once: every operation is claimed
