@@ -58,9 +58,7 @@ impl Recorder {
 
     async fn ask<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(request(reply))
-            .map_err(|_| stopped())?;
+        self.requests.send(request(reply)).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }

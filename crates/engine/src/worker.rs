@@ -584,8 +584,7 @@ impl Engine {
                     status: TaskStatus::Failed,
                     state_patch: None,
                 };
-                self
-                    .finish_task(&op.id, owner, task.position, &failed, None, now_ms())
+                self.finish_task(&op.id, owner, task.position, &failed, None, now_ms())
                     .await?;
             }
             return self
@@ -599,8 +598,7 @@ impl Engine {
                     .await;
             }
             log.set_task(&task.name);
-            self
-                .start_task(&op.id, owner, task.position, now_ms())
+            self.start_task(&op.id, owner, task.position, now_ms())
                 .await?;
             if let Some(observe) = &self.config.observer {
                 observe(Observed::TaskStarted {
@@ -650,8 +648,7 @@ impl Engine {
                         state_patch: output.state_patch,
                     };
                     if output.skip_remaining && !rest.is_empty() {
-                        self
-                            .finish_task(&op.id, owner, task.position, &task_outcome, None, now)
+                        self.finish_task(&op.id, owner, task.position, &task_outcome, None, now)
                             .await?;
                         let skipped = TaskOutcome {
                             status: TaskStatus::Skipped,
@@ -659,22 +656,20 @@ impl Engine {
                         };
                         for (i, later) in rest.iter().enumerate() {
                             let finish = (i + 1 == rest.len()).then_some(&success);
-                            self
-                                .finish_task(&op.id, owner, later.position, &skipped, finish, now)
+                            self.finish_task(&op.id, owner, later.position, &skipped, finish, now)
                                 .await?;
                         }
                         return Ok(());
                     }
-                    self
-                        .finish_task(
-                            &op.id,
-                            owner,
-                            task.position,
-                            &task_outcome,
-                            last.then_some(&success),
-                            now,
-                        )
-                        .await?;
+                    self.finish_task(
+                        &op.id,
+                        owner,
+                        task.position,
+                        &task_outcome,
+                        last.then_some(&success),
+                        now,
+                    )
+                    .await?;
                     if last {
                         return Ok(());
                     }
@@ -686,8 +681,7 @@ impl Engine {
                         status: TaskStatus::Failed,
                         state_patch: None,
                     };
-                    self
-                        .finish_task(&op.id, owner, task.position, &failed, None, now)
+                    self.finish_task(&op.id, owner, task.position, &failed, None, now)
                         .await?;
                     return self
                         .roll_back_and_end(op, owner, log, &state, Ending::Failed(error.0))
@@ -703,8 +697,7 @@ impl Engine {
                         status: TaskStatus::Cancelled,
                         state_patch: None,
                     };
-                    self
-                        .finish_task(&op.id, owner, task.position, &cancelled, None, now)
+                    self.finish_task(&op.id, owner, task.position, &cancelled, None, now)
                         .await?;
                     return self
                         .roll_back_and_end(op, owner, log, &state, Ending::Cancelled)
@@ -751,8 +744,7 @@ impl Engine {
             .filter(|t| t.rollback && !t.status.is_done())
         {
             log.set_task(&task.name);
-            self
-                .start_task(&op.id, owner, task.position, now_ms())
+            self.start_task(&op.id, owner, task.position, now_ms())
                 .await?;
             let context = TaskContext {
                 ctx: &self.ctx,
@@ -776,19 +768,18 @@ impl Engine {
                 }
             };
             log.flush().await;
-            self
-                .finish_task(
-                    &op.id,
-                    owner,
-                    task.position,
-                    &TaskOutcome {
-                        status,
-                        state_patch: None,
-                    },
-                    None,
-                    now_ms(),
-                )
-                .await?;
+            self.finish_task(
+                &op.id,
+                owner,
+                task.position,
+                &TaskOutcome {
+                    status,
+                    state_patch: None,
+                },
+                None,
+                now_ms(),
+            )
+            .await?;
         }
         let context = TaskContext {
             ctx: &self.ctx,

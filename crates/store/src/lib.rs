@@ -370,8 +370,11 @@ pub async fn record_progress_one_by_one<S: Store + ?Sized>(
         made.claims.push(store.claim(&claim).await);
     }
     for s in &progress.starts {
-        made.starts
-            .push(store.start_task(&s.operation, &s.owner, s.position, s.now).await);
+        made.starts.push(
+            store
+                .start_task(&s.operation, &s.owner, s.position, s.now)
+                .await,
+        );
     }
     made
 }

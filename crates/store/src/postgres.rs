@@ -707,7 +707,11 @@ async fn claim_named_in(
     let owners: Vec<&str> = claims.iter().map(|c| c.owner.as_str()).collect();
     // One moment for the whole batch: the latest of its requests.
     let now = claims.iter().map(|c| c.now).max().unwrap_or_default();
-    let until = claims.iter().map(|c| c.lease_until).max().unwrap_or_default();
+    let until = claims
+        .iter()
+        .map(|c| c.lease_until)
+        .max()
+        .unwrap_or_default();
     // The rows are found by primary key alone (`id = ANY`): no join for the planner to turn
     // around, and the status only inside a CASE, which no index or partial-index predicate
     // matches. A queue table's statistics are always stale; given the choice, the planner

@@ -683,7 +683,11 @@ pub async fn progress_recorded_together(store: &dyn Store) {
     let made = store.record_progress(&progress).await;
 
     assert!(made.finishes[0].is_ok() && made.finishes[1].is_ok() && made.finishes[3].is_ok());
-    assert!(lease_lost(&made.finishes[2], "op_p8"), "{:?}", made.finishes);
+    assert!(
+        lease_lost(&made.finishes[2], "op_p8"),
+        "{:?}",
+        made.finishes
+    );
     let claimed: Vec<Option<String>> = made
         .claims
         .iter()
@@ -691,7 +695,14 @@ pub async fn progress_recorded_together(store: &dyn Store) {
         .collect();
     assert_eq!(
         claimed,
-        [Some("op_p1".into()), None, None, None, Some("op_p9".into()), None],
+        [
+            Some("op_p1".into()),
+            None,
+            None,
+            None,
+            Some("op_p9".into()),
+            None
+        ],
         "op_p1 once, op_p3 behind it, op_p4 on another queue, op_p9 taken over"
     );
     assert!(made.starts[0].is_ok());
@@ -721,10 +732,18 @@ pub async fn progress_recorded_together(store: &dyn Store) {
         (TaskStatus::Skipped, None)
     );
     let p8 = store.get_operation("op_p8").await.unwrap().unwrap();
-    assert_eq!(p8.tasks[0].status, TaskStatus::Pending, "no lease, no change");
+    assert_eq!(
+        p8.tasks[0].status,
+        TaskStatus::Pending,
+        "no lease, no change"
+    );
     let p7 = store.get_operation("op_p7").await.unwrap().unwrap();
     assert_eq!(
-        (p7.tasks[0].status, p7.tasks[0].attempts, p7.tasks[0].started_at),
+        (
+            p7.tasks[0].status,
+            p7.tasks[0].attempts,
+            p7.tasks[0].started_at
+        ),
         (TaskStatus::Running, 1, Some(20_001))
     );
     let p1 = store.get_operation("op_p1").await.unwrap().unwrap();
@@ -733,7 +752,10 @@ pub async fn progress_recorded_together(store: &dyn Store) {
         made.claims[0].as_ref().unwrap().as_ref(),
         "a claim answers the operation as stored, tasks included"
     );
-    assert_eq!((p1.status, p1.started_at), (OperationStatus::Running, Some(20_000)));
+    assert_eq!(
+        (p1.status, p1.started_at),
+        (OperationStatus::Running, Some(20_000))
+    );
     assert_eq!(
         store.renew_lease("op_p1", "c1", 36_000).await.unwrap(),
         LeaseState::Held {
