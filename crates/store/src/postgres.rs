@@ -570,7 +570,14 @@ impl PostgresStore {
     /// condition the planner walks the status index, whose `running` entries are mostly dead
     /// rows of finished operations during a drain.
     async fn progress_at_once(&self, progress: &Progress) -> Result<ProgressMade> {
-        let mut tx = self.pool.begin().await?;
+        // A prepared statement with array parameters is planned again at every execution
+        // while PostgreSQL compares custom plans with the generic one; planning the claim
+        // costs more than running it for a small batch. The generic plan is the right one
+        // (primary-key lookups whatever the arrays hold), so it is used from the start.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
+            .await?;
         let result = async {
             let finished = if progress.finishes.is_empty() {
                 HashSet::new()

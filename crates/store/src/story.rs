@@ -976,6 +976,137 @@ mod postgres {
         progress_recorded_together
     );
 
+    /// Several worker processes recording progress in batches at once, every batch naming
+    /// every operation still queued (as duplicated deliveries would): each operation is
+    /// claimed exactly once, one at a time per subject and in order, and every recorded start
+    /// and finish of a claimed operation succeeds. Batches that collide on rows wait for each
+    /// other or fall back to one by one; none may answer wrongly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_batches_never_share_an_operation() {
+        let (db, store) = fresh().await;
+        const SUBJECTS: usize = 8;
+        const PER_SUBJECT: usize = 4;
+        let mut queued = Vec::new();
+        for n in 0..PER_SUBJECT {
+            for s in 0..SUBJECTS {
+                let id = format!("op_{s}_{n}");
+                let mut op = new_op(&id, &format!("prj_{s}"), json!({ "n": n }));
+                op.tasks.truncate(1);
+                store
+                    .create_operation(&op, (n * SUBJECTS + s) as i64)
+                    .await
+                    .unwrap();
+                queued.push(id);
+            }
+        }
+        let queued = Arc::new(Mutex::new(queued));
+        let claims = Arc::new(Mutex::new(Vec::<String>::new()));
+        let running = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+        let mut workers = Vec::new();
+        for w in 0..6 {
+            let (url, queued, claims, running) =
+                (db.url(), queued.clone(), claims.clone(), running.clone());
+            workers.push(tokio::spawn(async move {
+                let store = PostgresStore::connect(&url).await.unwrap();
+                let mut idle = 0;
+                while idle < 20 {
+                    let names: Vec<String> = queued.lock().unwrap().clone();
+                    let progress = Progress {
+                        claims: names
+                            .iter()
+                            .enumerate()
+                            .map(|(i, id)| named(id, &format!("w{w}-{}", i % 3)))
+                            .collect(),
+                        ..Progress::default()
+                    };
+                    let made = store.record_progress(&progress).await;
+                    let mut mine = Vec::new();
+                    for claimed in made.claims {
+                        if let Some(op) = claimed.expect("a claim never fails") {
+                            assert!(
+                                running.lock().unwrap().insert(op.subject_id.clone()),
+                                "two operations running on {}",
+                                op.subject_id
+                            );
+                            queued.lock().unwrap().retain(|id| *id != op.id);
+                            claims.lock().unwrap().push(op.id.clone());
+                            let owner = progress
+                                .claims
+                                .iter()
+                                .find(|c| c.operation == op.id)
+                                .map(|c| c.owner.clone())
+                                .unwrap();
+                            mine.push((op, owner));
+                        }
+                    }
+                    if mine.is_empty() {
+                        idle += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    idle = 0;
+                    let start = |(op, owner): &(OperationRecord, String)| TaskStart {
+                        operation: op.id.clone(),
+                        owner: owner.clone(),
+                        position: 0,
+                        now: 20_001,
+                    };
+                    let made = store
+                        .record_progress(&Progress {
+                            starts: mine.iter().map(start).collect(),
+                            ..Progress::default()
+                        })
+                        .await;
+                    assert!(made.starts.iter().all(|s| s.is_ok()), "{:?}", made.starts);
+                    for (op, _) in &mine {
+                        running.lock().unwrap().remove(&op.subject_id);
+                    }
+                    let ending = |(op, owner): &(OperationRecord, String)| {
+                        let mut f = finish(&op.id, owner, 0, TaskStatus::Succeeded);
+                        f.finish = Some(OperationOutcome {
+                            status: OperationStatus::Succeeded,
+                            result: json!({}),
+                            error: None,
+                        });
+                        f
+                    };
+                    let made = store
+                        .record_progress(&Progress {
+                            finishes: mine.iter().map(ending).collect(),
+                            ..Progress::default()
+                        })
+                        .await;
+                    assert!(
+                        made.finishes.iter().all(|f| f.is_ok()),
+                        "{:?}",
+                        made.finishes
+                    );
+                }
+                store.close().await;
+            }));
+        }
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        let claims = claims.lock().unwrap().clone();
+        assert_eq!(claims.len(), SUBJECTS * PER_SUBJECT, "{claims:?}");
+        for s in 0..SUBJECTS {
+            let order: Vec<&str> = claims
+                .iter()
+                .map(String::as_str)
+                .filter(|id| id.starts_with(&format!("op_{s}_")))
+                .collect();
+            let expected: Vec<String> = (0..PER_SUBJECT).map(|n| format!("op_{s}_{n}")).collect();
+            assert_eq!(order, expected, "subject {s} out of order");
+        }
+        for id in &claims {
+            let op = store.get_operation(id).await.unwrap().unwrap();
+            assert_eq!(op.status, OperationStatus::Succeeded, "{id}");
+        }
+        store.close().await;
+        drop(db);
+    }
+
     /// Several worker processes (a pool each) claiming at once: every operation is claimed
     /// exactly once, one at a time per subject and in order, and no claim fails.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
