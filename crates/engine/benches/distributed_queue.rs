@@ -4,7 +4,7 @@
 //! finishing the task, ending the operation, flushing its log, and acking only after that
 //! is committed. Each operation is a `system_noop` with one no-op task, on its own subject.
 //!
-//!     cargo bench -p hefring-engine --bench distributed_queue [-- OPERATIONS CONCURRENCY]
+//!     cargo bench -p hefring-engine --bench distributed_queue [-- OPERATIONS CONCURRENCY [events]]
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 (trust, as on these machines) and RabbitMQ on
 //! 127.0.0.1:5672 (guest/guest); makes a database and a vhost of its own and removes them.
@@ -190,6 +190,7 @@ async fn main() {
     // The best setting measured here on 2 cores (`hefring worker --concurrency 128`): enough
     // operations at once for the worker's group commit to gather large batches.
     let concurrency = args.get(1).copied().unwrap_or(128);
+    let with_events = std::env::args().any(|a| a == "events");
     let suffix = std::process::id();
     let resources = Resources {
         database: format!("hefring_bench_{suffix}"),
@@ -330,6 +331,24 @@ async fn main() {
             observer_probe.changed.notify_waiters();
         }
     }));
+    // `events`: as `hefring worker` runs, announcing itself to Celery's tools and sending
+    // task events (received, started, succeeded) for every operation; without it, as a Celery
+    // worker without `-E`.
+    let _presence = if with_events {
+        let (presence, tasks) = hefring_queue::control::Presence::start(
+            &broker,
+            format!("hefring.bench-{suffix}@localhost"),
+            vec!["hefring".into()],
+            vec!["hefring.system_noop".into()],
+            concurrency,
+        )
+        .await
+        .unwrap();
+        config.events = Some(presence.clone() as Arc<dyn hefring_queue::WorkerEvents>);
+        Some((presence, tasks))
+    } else {
+        None
+    };
     let begun = Instant::now();
     let cpu = CpuMeter::start();
     let consumer = AmqpQueue::connect(
@@ -350,7 +369,8 @@ async fn main() {
     let elapsed = begun.elapsed();
     let (own, others) = cpu.per_item_us(operations);
     println!(
-        "drain: {operations} operations, concurrency {concurrency}: {:.2} s, {:.0} operations/s; CPU an operation: the worker {own:.0} us, the rest of the machine (PostgreSQL, RabbitMQ, the kernel) {others:.0} us",
+        "drain: {operations} operations, concurrency {concurrency}{}: {:.2} s, {:.0} operations/s; CPU an operation: the worker {own:.0} us, the rest of the machine (PostgreSQL, RabbitMQ, the kernel) {others:.0} us",
+        if with_events { ", with task events" } else { "" },
         elapsed.as_secs_f64(),
         operations as f64 / elapsed.as_secs_f64(),
     );

@@ -406,25 +406,31 @@ impl Engine {
             observe(Observed::OperationEnded { operation: &op.id });
         }
         if let Some(events) = &self.config.events {
-            if let Ok(Some(ended)) = self.ctx.store.get_operation(&op.id).await {
-                if ended.status.is_terminal() {
-                    let error = match ended.status {
-                        OperationStatus::Succeeded => None,
-                        _ => Some(
-                            ended
-                                .error
-                                .clone()
-                                .unwrap_or_else(|| ended.status.to_string()),
-                        ),
-                    };
-                    events
-                        .finished(&op.id, &ended.result, error.as_deref())
-                        .await;
-                }
+            // How it ended is known here when this run ended it; otherwise (the lease went to
+            // another worker, a write failed) the store says whether it has ended.
+            let ended = match &result {
+                Ok(Some(outcome)) => Some(outcome.clone()),
+                _ => match self.ctx.store.get_operation(&op.id).await {
+                    Ok(Some(stored)) if stored.status.is_terminal() => Some(OperationOutcome {
+                        status: stored.status,
+                        result: stored.result,
+                        error: stored.error,
+                    }),
+                    _ => None,
+                },
+            };
+            if let Some(ended) = ended {
+                let error = match ended.status {
+                    OperationStatus::Succeeded => None,
+                    _ => Some(ended.error.unwrap_or_else(|| ended.status.to_string())),
+                };
+                events
+                    .finished(&op.id, &ended.result, error.as_deref())
+                    .await;
             }
         }
         match result {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(StoreError::LeaseLost(_)) => {
                 tracing::info!(operation = %op.id, "lease lost; another worker owns the operation now");
             }
@@ -537,7 +543,7 @@ impl Engine {
         owner: &str,
         log: &OperationLog,
         mut interrupt: watch::Receiver<Interrupt>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<OperationOutcome>, StoreError> {
         let store = &self.ctx.store;
         let mut state = op.state.clone();
 
@@ -564,9 +570,10 @@ impl Engine {
                 result: state.get("result").cloned().unwrap_or(json!({})),
                 error: None,
             };
-            return store
+            store
                 .finish_operation(&op.id, owner, &outcome, now_ms())
-                .await;
+                .await?;
+            return Ok(Some(outcome));
         };
 
         if op.deliveries > self.config.max_redeliveries {
@@ -659,7 +666,7 @@ impl Engine {
                             self.finish_task(&op.id, owner, later.position, &skipped, finish, now)
                                 .await?;
                         }
-                        return Ok(());
+                        return Ok(Some(success));
                     }
                     self.finish_task(
                         &op.id,
@@ -671,7 +678,7 @@ impl Engine {
                     )
                     .await?;
                     if last {
-                        return Ok(());
+                        return Ok(Some(success));
                     }
                 }
                 Some(Err(error)) => {
@@ -705,7 +712,7 @@ impl Engine {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Runs the kind's rollback tasks (appended as visible tasks), then ends the operation
@@ -717,7 +724,7 @@ impl Engine {
         log: &OperationLog,
         state: &Value,
         ending: Ending,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<OperationOutcome>, StoreError> {
         let store = &self.ctx.store;
         let (status, error) = match &ending {
             Ending::Failed(e) => (OperationStatus::Failed, Some(e.clone())),
@@ -804,7 +811,8 @@ impl Engine {
         };
         store
             .finish_operation(&op.id, owner, &outcome, now_ms())
-            .await
+            .await?;
+        Ok(Some(outcome))
     }
 }
 
