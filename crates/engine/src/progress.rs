@@ -14,8 +14,9 @@ use hefring_store::{
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-/// How many batches may be in the store at once: one being written while the next gathers
-/// would leave a core idle during each commit; more only shrinks the batches.
+/// How many batches may be in the store at once: one being written while the next gathers.
+/// (The distributed queue benchmark at concurrency 128 drained 5,100-6,000 operations/s with
+/// 1, 2, 3 or 4: within its run-to-run spread.)
 const IN_FLIGHT: usize = 2;
 
 /// The most requests written together (PostgreSQL's bound values are arrays, so this only

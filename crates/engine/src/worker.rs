@@ -115,7 +115,7 @@ impl Engine {
         let ssh_key = SshKeyPair::ensure(&config.data_dir.join("ssh")).await?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand_u16());
-        let store_for_recorder = store.clone();
+        let recorder = Recorder::start(store.clone(), config.queues.clone());
         Ok(Arc::new(Engine {
             ctx: Context {
                 store,
@@ -133,7 +133,7 @@ impl Engine {
                 queue: queue.clone(),
                 artifacts: config.artifacts.clone(),
             },
-            recorder: Recorder::start(store_for_recorder, config.queues.clone()),
+            recorder,
             queue,
             config,
             name,
