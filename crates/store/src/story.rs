@@ -600,6 +600,14 @@ fn finish(id: &str, owner: &str, position: i64, status: TaskStatus) -> TaskFinis
     }
 }
 
+fn ended(status: OperationStatus) -> OperationOutcome {
+    OperationOutcome {
+        status,
+        result: json!({}),
+        error: None,
+    }
+}
+
 fn named(id: &str, owner: &str) -> NamedClaim {
     NamedClaim {
         operation: id.into(),
@@ -776,11 +784,7 @@ pub async fn progress_recorded_together(store: &dyn Store) {
 
     // A cancel among them also marks the operation's unfinished tasks cancelled.
     let mut cancelled = finish("op_p6", "w6", 1, TaskStatus::Cancelled);
-    cancelled.finish = Some(OperationOutcome {
-        status: OperationStatus::Cancelled,
-        result: json!({}),
-        error: None,
-    });
+    cancelled.finish = Some(ended(OperationStatus::Cancelled));
     let made = store
         .record_progress(&Progress {
             finishes: vec![cancelled],
@@ -976,6 +980,23 @@ mod postgres {
         progress_recorded_together
     );
 
+    /// Operations `op_S_N` were claimed in the order of N for every subject S.
+    fn assert_claimed_in_order<'a>(
+        claims: impl Iterator<Item = &'a str> + Clone,
+        subjects: usize,
+        per_subject: usize,
+    ) {
+        for s in 0..subjects {
+            let prefix = format!("op_{s}_");
+            let order: Vec<&str> = claims
+                .clone()
+                .filter(|id| id.starts_with(&prefix))
+                .collect();
+            let expected: Vec<String> = (0..per_subject).map(|n| format!("op_{s}_{n}")).collect();
+            assert_eq!(order, expected, "subject {s} out of order");
+        }
+    }
+
     /// Several worker processes recording progress in batches at once, every batch naming
     /// every operation still queued (as duplicated deliveries would): each operation is
     /// claimed exactly once, one at a time per subject and in order, and every recorded start
@@ -1063,11 +1084,7 @@ mod postgres {
                     }
                     let ending = |(op, owner): &(OperationRecord, String)| {
                         let mut f = finish(&op.id, owner, 0, TaskStatus::Succeeded);
-                        f.finish = Some(OperationOutcome {
-                            status: OperationStatus::Succeeded,
-                            result: json!({}),
-                            error: None,
-                        });
+                        f.finish = Some(ended(OperationStatus::Succeeded));
                         f
                     };
                     let made = store
@@ -1090,15 +1107,7 @@ mod postgres {
         }
         let claims = claims.lock().unwrap().clone();
         assert_eq!(claims.len(), SUBJECTS * PER_SUBJECT, "{claims:?}");
-        for s in 0..SUBJECTS {
-            let order: Vec<&str> = claims
-                .iter()
-                .map(String::as_str)
-                .filter(|id| id.starts_with(&format!("op_{s}_")))
-                .collect();
-            let expected: Vec<String> = (0..PER_SUBJECT).map(|n| format!("op_{s}_{n}")).collect();
-            assert_eq!(order, expected, "subject {s} out of order");
-        }
+        assert_claimed_in_order(claims.iter().map(String::as_str), SUBJECTS, PER_SUBJECT);
         for id in &claims {
             let op = store.get_operation(id).await.unwrap().unwrap();
             assert_eq!(op.status, OperationStatus::Succeeded, "{id}");
@@ -1165,15 +1174,11 @@ mod postgres {
         for (id, _) in &claims {
             assert!(seen.insert(id.clone()), "{id} claimed twice");
         }
-        for s in 0..SUBJECTS {
-            let order: Vec<&str> = claims
-                .iter()
-                .map(|(id, _)| id.as_str())
-                .filter(|id| id.starts_with(&format!("op_{s}_")))
-                .collect();
-            let expected: Vec<String> = (0..PER_SUBJECT).map(|n| format!("op_{s}_{n}")).collect();
-            assert_eq!(order, expected, "subject {s} out of order");
-        }
+        assert_claimed_in_order(
+            claims.iter().map(|(id, _)| id.as_str()),
+            SUBJECTS,
+            PER_SUBJECT,
+        );
         store.close().await;
         drop(db);
     }
