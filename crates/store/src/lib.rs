@@ -321,12 +321,6 @@ pub struct Progress {
     pub queues: Vec<String>,
 }
 
-impl Progress {
-    pub fn is_empty(&self) -> bool {
-        self.finishes.is_empty() && self.claims.is_empty() && self.starts.is_empty()
-    }
-}
-
 /// The result of each item of a [`Progress`], in the same order.
 #[derive(Debug, Default)]
 pub struct ProgressMade {
