@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod environment;
 pub mod id;
+pub mod isolation;
 pub mod manifest;
 pub mod operation;
 pub mod render;
