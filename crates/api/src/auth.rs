@@ -13,6 +13,13 @@ use crate::AppState;
 #[derive(Clone, Debug)]
 pub struct Caller(pub String);
 
+impl Caller {
+    /// The caller as the application layer records it.
+    pub fn origin(&self) -> hefring_app::Origin {
+        hefring_app::Origin::caller(&self.0)
+    }
+}
+
 /// A new token: `hft_` and 43 URL-safe characters (256 random bits).
 pub fn new_token() -> String {
     let mut bytes = [0u8; 32];

@@ -1,7 +1,6 @@
 //! Store records to wire types.
 
 use hefring_core::environment;
-use hefring_core::target::TargetSettings;
 use hefring_store::{
     EnvironmentRecord, OperationRecord, ProjectRecord, ReleaseRecord, TargetRecord,
 };
@@ -130,38 +129,6 @@ pub fn operation(o: OperationRecord) -> wire::Operation {
             })
             .collect(),
     }
-}
-
-/// A target's settings from what was asked, defaults for what was not.
-pub fn target_settings(
-    mariadb: Option<wire::MariadbAdmin>,
-    postgresql: Option<wire::PostgresqlAdmin>,
-    system_nginx: Option<wire::SystemNginx>,
-) -> TargetSettings {
-    let mut settings = TargetSettings {
-        system_nginx: system_nginx.map(|n| {
-            hefring_core::target::SystemNginx::new(n.sites_dir, n.test_command, n.reload_command)
-        }),
-        ..Default::default()
-    };
-    if let Some(m) = mariadb {
-        let admin = &mut settings.mariadb;
-        if m.socket.is_some() || m.host.is_some() {
-            admin.socket = m.socket;
-            admin.host = m.host;
-        }
-        admin.port = m.port.unwrap_or(admin.port);
-        admin.user = m.user.unwrap_or_else(|| admin.user.clone());
-        admin.password = m.password;
-    }
-    if let Some(p) = postgresql {
-        let admin = &mut settings.postgresql;
-        admin.host = p.host.unwrap_or_else(|| admin.host.clone());
-        admin.port = p.port.unwrap_or(admin.port);
-        admin.user = p.user.unwrap_or_else(|| admin.user.clone());
-        admin.password = p.password;
-    }
-    settings
 }
 
 pub fn environment(e: EnvironmentRecord, target: &TargetRecord) -> wire::Environment {

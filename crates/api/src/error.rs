@@ -3,6 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use hefring_app::AppError;
 use hefring_core::FieldError;
 use hefring_store::StoreError;
 use hefring_wire::{ErrorBody, ErrorDetail};
@@ -101,6 +102,18 @@ impl ApiError {
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {
         ApiError::Invalid(e)
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::NotFound { .. } => ApiError::NotFound,
+            AppError::Invalid(e) => ApiError::Invalid(e),
+            AppError::Conflict { field, message } => ApiError::Conflict { message, field },
+            AppError::Duplicate { existing, .. } => ApiError::DuplicateOperation { existing },
+            AppError::Store(e) => ApiError::from(e),
+        }
     }
 }
 

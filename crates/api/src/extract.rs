@@ -14,27 +14,7 @@ pub struct Body<T>(pub T);
 /// A JSON body that must be present.
 pub struct Json<T>(pub T);
 
-fn field_of(message: &str, path: &str) -> String {
-    for marker in ["missing field `", "unknown field `"] {
-        if let Some(rest) = message.split(marker).nth(1) {
-            if let Some(name) = rest.split('`').next() {
-                let at_root = path.is_empty() || path == ".";
-                return if at_root {
-                    name.to_string()
-                } else if path == name || path.ends_with(&format!(".{name}")) {
-                    path.to_string()
-                } else {
-                    format!("{path}.{name}")
-                };
-            }
-        }
-    }
-    if path.is_empty() || path == "." {
-        "body".into()
-    } else {
-        path.to_string()
-    }
-}
+use hefring_app::field_of;
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if !bytes.trim_ascii_start().starts_with(b"{") {

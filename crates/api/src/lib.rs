@@ -1,7 +1,8 @@
 //! Hefring over HTTP: the REST API under `/api/v1`, its OpenAPI document (generated from
 //! the handlers), operation logs as text or server-sent events, and token authentication.
-//! Handlers validate at the edge, turn requests into store rows and operations, and never
-//! run work themselves: work is queued for the engine.
+//! Handlers parse the request, hand it to the application layer (`hefring-app`, where every
+//! request rule lives), answer in HTTP terms, and never run work themselves: work is queued
+//! for the engine.
 
 mod auth;
 mod convert;
@@ -39,6 +40,13 @@ pub struct AppState {
     pub backups: Arc<dyn hefring_objects::ObjectStore>,
     /// The scheduler's clock is driven through `POST /api/v1/scheduler/tick` (tests).
     pub manual_clock: bool,
+}
+
+impl AppState {
+    /// The application layer every handler's request goes through.
+    pub fn app(&self) -> hefring_app::App {
+        hefring_app::App::new(self.store.clone(), self.data_dir.clone())
+    }
 }
 
 /// The whole HTTP application.

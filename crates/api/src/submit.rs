@@ -1,20 +1,22 @@
-//! Starting work: store the operation with its planned tasks, then tell the workers.
+//! Starting work: the application layer stores the operation with its planned tasks, then the
+//! workers are told.
 
+use axum::http::StatusCode;
+use axum::Json;
+use hefring_app::{AppResult, Origin, Submitted};
 use hefring_core::operation::OperationKind;
 use hefring_queue::Job;
-use hefring_store::{queue_for, NewOperation, OperationRecord};
+use hefring_store::OperationRecord;
+use hefring_wire::Operation;
 use serde_json::Value;
 
 use crate::error::ApiResult;
 use crate::AppState;
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use hefring_app::now_ms;
 
+/// Stores an operation Hefring itself starts (the scheduler's runs), with no request rules,
+/// and announces it.
 pub async fn submit(
     state: &AppState,
     kind: OperationKind,
@@ -22,12 +24,28 @@ pub async fn submit(
     inputs: Value,
     requested_by: &str,
 ) -> ApiResult<OperationRecord> {
-    let now = now_ms();
-    let mut new = NewOperation::planned(kind, subject_id, inputs, requested_by, now);
-    new.queue = queue_for(state.store.as_ref(), kind, subject_id).await?;
-    let record = state.store.create_operation(&new, now).await?;
-    announce(state, &record).await;
-    Ok(record)
+    let submitted = state
+        .app()
+        .store_operation(kind, subject_id, inputs, &Origin::caller(requested_by))
+        .await?;
+    announce(state, &submitted.operation).await;
+    Ok(submitted.operation)
+}
+
+/// The answer to a request that started work: `202` with the operation, announced when the
+/// request stored it.
+pub async fn accepted(
+    state: &AppState,
+    submitted: AppResult<Submitted>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let submitted = submitted?;
+    if submitted.created {
+        announce(state, &submitted.operation).await;
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(crate::convert::operation(submitted.operation)),
+    ))
 }
 
 /// Tells the workers; a lost announcement only delays the work (workers also poll).

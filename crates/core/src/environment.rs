@@ -178,9 +178,20 @@ pub fn url(domain: &str, https: Https, http_port: u16, https_port: u16) -> Strin
 /// host name, none repeated. (That no other environment uses them is the caller's check.)
 pub fn check_host_names(domain: &str, aliases: &[Alias]) -> Result<(), FieldError> {
     validate::domain("domain", domain)?;
+    not_a_preview_host("domain", domain)?;
+    if aliases.len() > MAX_ALIASES {
+        return Err(FieldError::new(
+            "aliases",
+            format!(
+                "at most {MAX_ALIASES} aliases per environment ({} given)",
+                aliases.len()
+            ),
+        ));
+    }
     for (i, alias) in aliases.iter().enumerate() {
         let field = format!("aliases[{i}].domain");
         validate::domain(&field, &alias.domain)?;
+        not_a_preview_host(&field, &alias.domain)?;
         if alias.domain == domain {
             return Err(FieldError::new(
                 field,
@@ -190,6 +201,22 @@ pub fn check_host_names(domain: &str, aliases: &[Alias]) -> Result<(), FieldErro
         if aliases[..i].iter().any(|a| a.domain == alias.domain) {
             return Err(FieldError::new(field, "is listed twice"));
         }
+    }
+    Ok(())
+}
+
+/// The most aliases an environment may have: each is a `server_name` and, with HTTPS, a name
+/// on its certificate (ACME CAs allow about 100).
+pub const MAX_ALIASES: usize = 100;
+
+/// `.invalid` names are the preview hosts (`p-ID.invalid`): a domain there could take over
+/// another environment's preview.
+fn not_a_preview_host(field: &str, name: &str) -> Result<(), FieldError> {
+    if name == "invalid" || name.ends_with(".invalid") {
+        return Err(FieldError::new(
+            field,
+            "must not end in .invalid: those names are kept for preview hosts",
+        ));
     }
     Ok(())
 }
@@ -398,6 +425,29 @@ mod tests {
                 .field,
             "aliases[0].domain"
         );
+    }
+
+    #[test]
+    fn preview_hosts_and_too_many_aliases_are_refused() {
+        let alias = |d: &str| Alias {
+            domain: d.into(),
+            redirect: false,
+        };
+        assert_eq!(
+            check_host_names("p-envx.invalid", &[]).unwrap_err().field,
+            "domain"
+        );
+        assert_eq!(check_host_names("invalid", &[]).unwrap_err().field, "domain");
+        assert_eq!(
+            check_host_names("a.test", &[alias("b.test"), alias("x.invalid")])
+                .unwrap_err()
+                .field,
+            "aliases[1].domain"
+        );
+        let many: Vec<Alias> = (0..=MAX_ALIASES).map(|i| alias(&format!("a{i}.test"))).collect();
+        assert_eq!(check_host_names("a.test", &many).unwrap_err().field, "aliases");
+        check_host_names("a.test", &many[..MAX_ALIASES]).unwrap();
+        check_host_names("invalid.test", &[]).unwrap();
     }
 
     #[test]

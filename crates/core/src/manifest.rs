@@ -176,6 +176,21 @@ fn check_command(field: &str, command: &Command) -> Result<(), FieldError> {
     Ok(())
 }
 
+impl Manifest {
+    /// Parses a manifest read for a new release or a project's verify: [`Manifest::parse`]
+    /// plus the rules added since releases were first built (a cron schedule fires at most
+    /// once a minute). Manifests of existing releases are read with [`Manifest::parse`], so
+    /// they keep deploying.
+    pub fn parse_new(text: &str) -> Result<Manifest, ManifestError> {
+        let manifest = Manifest::parse(text)?;
+        if let Some(cron) = &manifest.cron {
+            crate::validate::cron_schedule("cron.schedule", &cron.schedule)
+                .map_err(ManifestError::Invalid)?;
+        }
+        Ok(manifest)
+    }
+}
+
 /// A cron schedule (`crate::schedule`): five fields (minute hour day month weekday), or six
 /// with seconds first, or a macro such as `@daily`.
 pub fn check_schedule(field: &str, schedule: &str) -> Result<(), FieldError> {
@@ -187,6 +202,18 @@ pub fn check_schedule(field: &str, schedule: &str) -> Result<(), FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_manifest_may_not_run_cron_more_than_once_a_minute() {
+        let every_second = "runtime: php\ncron: {schedule: '* * * * * *', command: x}\n";
+        // Releases built before the rule still deploy.
+        assert!(Manifest::parse(every_second).is_ok());
+        let refused = Manifest::parse_new(every_second).unwrap_err().to_string();
+        assert!(refused.contains("cron.schedule"), "{refused}");
+        assert!(refused.contains("once a minute"), "{refused}");
+        let at_second_30 = "runtime: php\ncron: {schedule: '30 */5 * * * *', command: x}\n";
+        assert!(Manifest::parse_new(at_second_30).is_ok());
+    }
 
     #[test]
     fn a_drupal_manifest_parses() {

@@ -258,6 +258,12 @@ impl Schedule {
         })
     }
 
+    /// Whether it fires at most once in any minute: at one second of it (a five-field
+    /// schedule fires at second 0).
+    pub fn fires_at_most_once_a_minute(&self) -> bool {
+        self.seconds.count_ones() == 1
+    }
+
     /// The canonical text, as [`fmt::Display`] writes it.
     pub fn as_str(&self) -> &str {
         &self.text

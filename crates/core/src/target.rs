@@ -196,8 +196,11 @@ impl TargetSettings {
                 Ok(())
             }
         };
+        if let Some(nginx) = &self.system_nginx {
+            crate::validate::setting_path("system_nginx.sites_dir", &nginx.sites_dir)?;
+        }
         if let Some(socket) = &self.mariadb.socket {
-            crate::validate::config_path("mariadb.socket", socket)?;
+            crate::validate::setting_path("mariadb.socket", socket)?;
         }
         if let Some(host) = &self.mariadb.host {
             word("mariadb.host", host)?;

@@ -6,78 +6,24 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use hefring_core::operation::{OperationKind, OperationStatus};
-use hefring_core::IdKind;
-use hefring_store::{BackupFilter, BackupRecord, EnvironmentRecord, OperationFilter, Page};
+use hefring_store::{BackupFilter, BackupRecord};
 use hefring_wire::{
     Backup, CloneEnvironment, CreateBackup, ErrorBody, List, MigrateEnvironment, Operation,
     PageQuery, RestoreBackup, SyncEnvironment,
 };
 use serde::Deserialize;
-use serde_json::json;
 use utoipa::IntoParams;
 
-use super::environments::{load, new_environment, refuse_concurrent_change, NewEnvironment};
 use super::page;
 use crate::auth::Caller;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Body, Query};
-use crate::submit::submit;
+use crate::submit::accepted;
 use crate::AppState;
 
 async fn load_backup(state: &AppState, id: &str) -> ApiResult<BackupRecord> {
-    if !IdKind::Backup.matches(id) {
-        return Err(ApiError::NotFound);
-    }
-    match state.store.get_backup(id).await? {
-        Some(b) if b.status != "deleted" => Ok(b),
-        _ => Err(ApiError::NotFound),
-    }
-}
-
-/// Backups, restores, clones and syncs need a deployed environment.
-fn require_deployed(env: &EnvironmentRecord, what: &str) -> ApiResult<()> {
-    if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "disabled") {
-        return Err(ApiError::conflict(format!(
-            "the environment is {}; only a deployed environment can {what}",
-            env.status
-        )));
-    }
-    Ok(())
-}
-
-/// The environment named as the source of a sync: of the same project, deployed, not this one.
-async fn source_environment(
-    state: &AppState,
-    env: &EnvironmentRecord,
-    id: &str,
-) -> ApiResult<EnvironmentRecord> {
-    let source = match IdKind::Environment.matches(id) {
-        true => state.store.get_environment(id).await?,
-        false => None,
-    }
-    .filter(|s| s.status != "deleted")
-    .ok_or_else(|| ApiError::invalid("from", "no environment has this id"))?;
-    if source.id == env.id {
-        return Err(ApiError::invalid(
-            "from",
-            "an environment cannot sync from itself",
-        ));
-    }
-    if source.project_id != env.project_id {
-        return Err(ApiError::invalid(
-            "from",
-            "the source belongs to another project than the environment's",
-        ));
-    }
-    if source.release_id.is_none() || !matches!(source.status.as_str(), "active" | "disabled") {
-        return Err(ApiError::invalid(
-            "from",
-            format!("the source environment is {}, not deployed", source.status),
-        ));
-    }
-    Ok(source)
+    Ok(state.app().backup_record(id).await?)
 }
 
 /// Back up the environment: a consistent database dump checked against its catalog and the
@@ -92,24 +38,11 @@ pub async fn backup(
     Path(id): Path<String>,
     Body(body): Body<CreateBackup>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    let description = body.description.unwrap_or_default();
-    if description.chars().count() > 200 || description.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            "description",
-            "at most 200 characters, without control characters",
-        ));
-    }
-    require_deployed(&env, "be backed up")?;
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::EnvironmentBackup,
-        &env.id,
-        json!({ "description": description }),
-        &caller.0,
+        state.app().backup(&id, body, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }
 
 /// Restore a backup into the environment: a safety backup of what is there first, then the
@@ -124,51 +57,11 @@ pub async fn restore(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<RestoreBackup>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    let backup = load_backup(&state, &body.backup)
-        .await
-        .map_err(|e| match e {
-            ApiError::NotFound => ApiError::invalid("backup", "no backup has this id"),
-            other => other,
-        })?;
-    if backup.status != "ready" {
-        return Err(ApiError::invalid(
-            "backup",
-            format!("backup {} is {}, not ready", backup.id, backup.status),
-        ));
-    }
-    let owner = state.store.get_environment(&backup.environment_id).await?;
-    if owner.as_ref().map(|o| o.project_id.as_str()) != Some(env.project_id.as_str()) {
-        return Err(ApiError::invalid(
-            "backup",
-            "the backup is of an environment of another project",
-        ));
-    }
-    if let (Some(held), Some(used)) = (
-        backup
-            .manifest
-            .as_ref()
-            .and_then(|m| m["database"]["kind"].as_str()),
-        env.resources["database"].as_str(),
-    ) {
-        if held != used {
-            return Err(ApiError::invalid(
-                "backup",
-                format!("the backup holds a {held} database, the environment uses {used}"),
-            ));
-        }
-    }
-    require_deployed(&env, "be restored into")?;
-    refuse_concurrent_change(&state, &env).await?;
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::EnvironmentRestore,
-        &env.id,
-        json!({ "backup": backup.id }),
-        &caller.0,
+        state.app().restore(&id, body, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }
 
 /// Clone the environment: a new environment (on the same target or another) running the same
@@ -183,45 +76,11 @@ pub async fn clone(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<CloneEnvironment>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let source = load(&state, &id).await?;
-    require_deployed(&source, "be cloned")?;
-    // Its backup must not be taken while a deploy, update, restore or migration changes it.
-    refuse_concurrent_change(&state, &source).await?;
-    let release = source.release_id.clone().expect("a deployed environment");
-    let (record, _) = new_environment(
+    accepted(
         &state,
-        NewEnvironment {
-            name: body.name,
-            project: source.project_id.clone(),
-            target: body.target.unwrap_or_else(|| source.target_id.clone()),
-            domain: body.domain,
-            aliases: body.aliases,
-            https: Some(
-                body.https
-                    .unwrap_or_else(|| source.https.as_str().to_string()),
-            ),
-        },
-    )
-    .await?;
-    state.store.insert_environment(&record).await?;
-    match submit(
-        &state,
-        OperationKind::EnvironmentClone,
-        &record.id,
-        json!({ "from": source.id, "release": release }),
-        &caller.0,
+        state.app().clone_environment(&id, body, &caller.origin()).await,
     )
     .await
-    {
-        Ok(op) => Ok((StatusCode::ACCEPTED, Json(convert::operation(op)))),
-        Err(e) => {
-            // Nothing stays when an error is answered: the new environment goes too.
-            let mut gone = record;
-            gone.status = "deleted".into();
-            let _ = state.store.update_environment(&gone).await;
-            Err(e)
-        }
-    }
 }
 
 /// Copy another environment's database and/or files into this one (a safety backup of what is
@@ -235,32 +94,11 @@ pub async fn sync(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<SyncEnvironment>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    let source = source_environment(&state, &env, &body.from).await?;
-    if !body.database && !body.files {
-        return Err(ApiError::invalid(
-            "database",
-            "a sync copies the database, the files or both: at least one must be true",
-        ));
-    }
-    if body.database && source.resources["database"] != env.resources["database"] {
-        return Err(ApiError::invalid(
-            "from",
-            "the source uses another kind of database than the environment",
-        ));
-    }
-    require_deployed(&env, "be synced")?;
-    refuse_concurrent_change(&state, &env).await?;
-    refuse_concurrent_change(&state, &source).await?;
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::EnvironmentSync,
-        &env.id,
-        json!({ "from": source.id, "database": body.database, "files": body.files }),
-        &caller.0,
+        state.app().sync(&id, body, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }
 
 /// Move the environment to another server target: a backup where it runs, a copy deployed on
@@ -276,35 +114,11 @@ pub async fn migrate(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<MigrateEnvironment>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    let target = match IdKind::Target.matches(&body.target) {
-        true => state.store.get_target(&body.target).await?,
-        false => None,
-    }
-    .ok_or_else(|| ApiError::invalid("target", "no target has this id"))?;
-    if target.kind != "server" {
-        return Err(ApiError::invalid(
-            "target",
-            "environments run on server targets in this version",
-        ));
-    }
-    if target.id == env.target_id {
-        return Err(ApiError::invalid(
-            "target",
-            "the environment already runs on this target",
-        ));
-    }
-    require_deployed(&env, "be migrated")?;
-    refuse_concurrent_change(&state, &env).await?;
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::EnvironmentMigrate,
-        &env.id,
-        json!({ "target": target.id, "release": env.release_id }),
-        &caller.0,
+        state.app().migrate(&id, body, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -392,35 +206,6 @@ pub async fn download(
         .into_response())
 }
 
-/// A queued or running restore of the backup, if any.
-async fn restore_using(state: &AppState, backup: &str) -> ApiResult<Option<String>> {
-    for status in [OperationStatus::Queued, OperationStatus::Running] {
-        let mut cursor = None;
-        loop {
-            let listed = state
-                .store
-                .list_operations(
-                    &OperationFilter {
-                        status: Some(status),
-                        ..Default::default()
-                    },
-                    &Page { limit: 500, cursor },
-                )
-                .await?;
-            if let Some(op) = listed.items.iter().find(|op| {
-                op.kind == OperationKind::EnvironmentRestore && op.inputs["backup"] == backup
-            }) {
-                return Ok(Some(op.id.clone()));
-            }
-            match listed.next {
-                Some(next) => cursor = Some(next),
-                None => break,
-            }
-        }
-    }
-    Ok(None)
-}
-
 /// Delete a backup: its archive leaves the store (an operation).
 #[utoipa::path(delete, path = "/api/v1/backups/{id}", tag = "backups", params(("id" = String, Path)),
     responses((status = 202, body = Operation), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -429,26 +214,9 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let backup = load_backup(&state, &id).await?;
-    if backup.status == "creating" {
-        return Err(ApiError::conflict(format!(
-            "backup {} is still being made (operation {})",
-            backup.id, backup.operation_id
-        )));
-    }
-    if let Some(restore) = restore_using(&state, &backup.id).await? {
-        return Err(ApiError::conflict(format!(
-            "backup {} is being restored (operation {restore})",
-            backup.id
-        )));
-    }
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::BackupDelete,
-        &backup.id,
-        json!({}),
-        &caller.0,
+        state.app().delete_backup(&id, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }

@@ -4,19 +4,12 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use hefring_core::environment::{check_host_names, host_names, is_environment_id};
 use hefring_core::operation::{OperationKind, OperationStatus};
-use hefring_core::render::nginx::Alias;
-use hefring_core::render::Https;
-use hefring_core::{new_id, validate, IdKind};
-use hefring_store::{
-    EnvironmentFilter, EnvironmentRecord, OperationFilter, Page, ReleaseRecord, Store,
-};
+use hefring_store::{EnvironmentFilter, EnvironmentRecord};
 use hefring_wire::{
     CreateEnvironment, DeployRelease, Environment, ErrorBody, List, LoginLink, Operation, PageQuery,
 };
 use serde::Deserialize;
-use serde_json::json;
 use utoipa::IntoParams;
 
 use super::page;
@@ -24,7 +17,7 @@ use crate::auth::Caller;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Query};
-use crate::submit::{now_ms, submit};
+use crate::submit::{accepted, announce};
 use crate::AppState;
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -41,14 +34,7 @@ pub struct EnvironmentQuery {
 }
 
 pub(super) async fn load(state: &AppState, id: &str) -> ApiResult<EnvironmentRecord> {
-    if !is_environment_id(id) {
-        return Err(ApiError::NotFound);
-    }
-    state
-        .store
-        .get_environment(id)
-        .await?
-        .ok_or(ApiError::NotFound)
+    Ok(state.app().environment(id).await?)
 }
 
 async fn to_wire(state: &AppState, env: EnvironmentRecord) -> ApiResult<Environment> {
@@ -60,32 +46,6 @@ async fn to_wire(state: &AppState, env: EnvironmentRecord) -> ApiResult<Environm
     Ok(convert::environment(env, &target))
 }
 
-/// Every host name the environments that are not deleted answer to, but `except`'s.
-pub(super) async fn names_in_use(
-    store: &dyn Store,
-    except: Option<&str>,
-) -> ApiResult<Vec<(String, String)>> {
-    let mut used = Vec::new();
-    let mut cursor = None;
-    loop {
-        let listed = store
-            .list_environments(&EnvironmentFilter::default(), &Page { limit: 500, cursor })
-            .await?;
-        for env in listed.items {
-            if Some(env.id.as_str()) == except {
-                continue;
-            }
-            for name in host_names(&env.domain, &env.aliases) {
-                used.push((name.to_string(), env.id.clone()));
-            }
-        }
-        match listed.next {
-            Some(next) => cursor = Some(next),
-            None => return Ok(used),
-        }
-    }
-}
-
 /// Create an environment: a site of a project on a target. Deploy a release to it next.
 #[utoipa::path(post, path = "/api/v1/environments", tag = "environments", request_body = CreateEnvironment,
     responses((status = 201, body = Environment), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -93,103 +53,11 @@ pub async fn create(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<CreateEnvironment>,
 ) -> ApiResult<(StatusCode, Json<Environment>)> {
-    let project = match IdKind::Project.matches(&body.project) {
-        true => state.store.get_project(&body.project).await?,
-        false => None,
-    }
-    .ok_or_else(|| ApiError::invalid("project", "no project has this id"))?;
-    let (record, target) = new_environment(
-        &state,
-        NewEnvironment {
-            name: body.name,
-            project: project.id,
-            target: body.target,
-            domain: body.domain,
-            aliases: body.aliases,
-            https: body.https,
-        },
-    )
-    .await?;
-    state.store.insert_environment(&record).await?;
+    let (record, target) = state.app().create_environment(body).await?;
     Ok((
         StatusCode::CREATED,
         Json(convert::environment(record, &target)),
     ))
-}
-
-/// What a new environment is asked to be (by create or clone).
-pub(super) struct NewEnvironment {
-    pub name: String,
-    pub project: String,
-    pub target: String,
-    pub domain: String,
-    pub aliases: Vec<hefring_wire::Alias>,
-    pub https: Option<String>,
-}
-
-/// Checks a new environment's fields (each error names its field) and makes its record, not
-/// yet stored.
-pub(super) async fn new_environment(
-    state: &AppState,
-    body: NewEnvironment,
-) -> ApiResult<(EnvironmentRecord, hefring_store::TargetRecord)> {
-    validate::name("name", &body.name)?;
-    let aliases: Vec<Alias> = body
-        .aliases
-        .iter()
-        .map(|a| Alias {
-            domain: a.domain.clone(),
-            redirect: a.redirect,
-        })
-        .collect();
-    check_host_names(&body.domain, &aliases)?;
-    let https = match body.https.as_deref() {
-        None => Https::Off,
-        Some(text) => Https::parse(text)
-            .ok_or_else(|| ApiError::invalid("https", "must be one of off, on, required"))?,
-    };
-    let target = match IdKind::Target.matches(&body.target) {
-        true => state.store.get_target(&body.target).await?,
-        false => None,
-    }
-    .ok_or_else(|| ApiError::invalid("target", "no target has this id"))?;
-    if target.kind != "server" {
-        return Err(ApiError::invalid(
-            "target",
-            "environments run on server targets in this version",
-        ));
-    }
-    let used = names_in_use(state.store.as_ref(), None).await?;
-    for (i, name) in host_names(&body.domain, &aliases).into_iter().enumerate() {
-        if let Some((_, owner)) = used.iter().find(|(n, _)| n == name) {
-            let field = match i {
-                0 => "domain".to_string(),
-                i => format!("aliases[{}].domain", i - 1),
-            };
-            return Err(ApiError::invalid(
-                &field,
-                format!("{name} is already served by environment {owner}"),
-            ));
-        }
-    }
-    let now = now_ms();
-    let record = EnvironmentRecord {
-        id: new_id(IdKind::Environment, now),
-        name: body.name,
-        project_id: body.project,
-        target_id: target.id.clone(),
-        release_id: None,
-        domain: body.domain,
-        aliases,
-        https,
-        status: "new".into(),
-        secrets: json!({}),
-        resources: json!({}),
-        settings: json!({}),
-        created_at: now,
-        updated_at: now,
-    };
-    Ok((record, target))
 }
 
 /// List environments, newest first (deleted ones are left out).
@@ -231,77 +99,6 @@ pub async fn show(
     Ok(Json(to_wire(&state, env).await?))
 }
 
-/// The release named in a deploy or update body: it must exist, be built, and belong to the
-/// environment's project.
-async fn deployable_release(
-    state: &AppState,
-    env: &EnvironmentRecord,
-    id: &str,
-) -> ApiResult<ReleaseRecord> {
-    let release = match IdKind::Release.matches(id) {
-        true => state.store.get_release(id).await?,
-        false => None,
-    }
-    .ok_or_else(|| ApiError::invalid("release", "no release has this id"))?;
-    if release.project_id != env.project_id {
-        return Err(ApiError::invalid(
-            "release",
-            format!(
-                "release {} belongs to another project than the environment's",
-                release.id
-            ),
-        ));
-    }
-    if release.status != "ready" || release.artifact_sha256.is_none() {
-        return Err(ApiError::invalid(
-            "release",
-            format!(
-                "release {} is {}, not ready: wait for its build to succeed",
-                release.id, release.status
-            ),
-        ));
-    }
-    Ok(release)
-}
-
-/// Refuses a deploy or update while another one of the environment is queued or running.
-pub(super) async fn refuse_concurrent_change(
-    state: &AppState,
-    env: &EnvironmentRecord,
-) -> ApiResult<()> {
-    for status in [OperationStatus::Queued, OperationStatus::Running] {
-        let active = state
-            .store
-            .list_operations(
-                &OperationFilter {
-                    subject: Some(env.id.clone()),
-                    status: Some(status),
-                    parent: None,
-                },
-                &Page {
-                    limit: 100,
-                    cursor: None,
-                },
-            )
-            .await?;
-        if let Some(op) = active.items.iter().find(|op| {
-            matches!(
-                op.kind,
-                OperationKind::EnvironmentDeploy
-                    | OperationKind::EnvironmentUpdate
-                    | OperationKind::EnvironmentMigrate
-                    | OperationKind::EnvironmentRestore
-                    | OperationKind::EnvironmentSync
-            )
-        }) {
-            return Err(ApiError::DuplicateOperation {
-                existing: op.id.clone(),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Deploy a release to a new environment: database, files, code, PHP pool, server block,
 /// install commands, switch, health check.
 #[utoipa::path(post, path = "/api/v1/environments/{id}/deploy", tag = "environments", params(("id" = String, Path)),
@@ -313,7 +110,7 @@ pub async fn deploy(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<DeployRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    change_release(state, caller, id, body, OperationKind::EnvironmentDeploy).await
+    accepted(&state, state.app().deploy(&id, body, &caller.origin()).await).await
 }
 
 /// Update a deployed environment to another release, with zero downtime: the new release is
@@ -328,47 +125,7 @@ pub async fn update(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<DeployRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    change_release(state, caller, id, body, OperationKind::EnvironmentUpdate).await
-}
-
-/// Deploy (to a new environment) or update (a deployed one): the release must be deployable,
-/// no other deploy or update may be queued or running, and the environment in the right state.
-async fn change_release(
-    state: AppState,
-    caller: Caller,
-    id: String,
-    body: DeployRelease,
-    kind: OperationKind,
-) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    let release = deployable_release(&state, &env, &body.release).await?;
-    refuse_concurrent_change(&state, &env).await?;
-    let refusal = match kind {
-        OperationKind::EnvironmentDeploy if !matches!(env.status.as_str(), "new" | "failed") => {
-            Some("deploy is for a new environment (use update to change its release)")
-        }
-        OperationKind::EnvironmentUpdate
-            if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "failed") =>
-        {
-            Some("only a deployed environment can be updated (deploy it first)")
-        }
-        _ => None,
-    };
-    if let Some(refusal) = refusal {
-        return Err(ApiError::conflict(format!(
-            "the environment is {}; {refusal}",
-            env.status
-        )));
-    }
-    let op = submit(
-        &state,
-        kind,
-        &env.id,
-        json!({ "release": release.id }),
-        &caller.0,
-    )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    accepted(&state, state.app().update(&id, body, &caller.origin()).await).await
 }
 
 /// Check that the environment's servers run and that it answers its health check.
@@ -379,19 +136,11 @@ pub async fn verify(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    if env.status == "deleted" {
-        return Err(ApiError::conflict("the environment is deleted"));
-    }
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::EnvironmentVerify,
-        &env.id,
-        json!({}),
-        &caller.0,
+        state.app().verify_environment(&id, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }
 
 /// Delete the environment and exactly what it created on its target: server block, pool,
@@ -403,16 +152,11 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::EnvironmentDelete,
-        &env.id,
-        json!({}),
-        &caller.0,
+        state.app().delete_environment(&id, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }
 
 /// Disable the site: every path answers 503 with a "site disabled" page until it is enabled
@@ -444,15 +188,7 @@ async fn toggle(
     id: String,
     kind: OperationKind,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let env = load(&state, &id).await?;
-    if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "disabled") {
-        return Err(ApiError::conflict(format!(
-            "the environment is {}; only a deployed environment can be disabled or enabled",
-            env.status
-        )));
-    }
-    let op = submit(&state, kind, &env.id, json!({}), &caller.0).await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    accepted(&state, state.app().toggle(&id, kind, &caller.origin()).await).await
 }
 
 /// A one-time link that logs in to the site, made by the manifest's `login` command in the
@@ -464,21 +200,8 @@ pub async fn login_link(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<LoginLink>> {
-    let env = load(&state, &id).await?;
-    if env.release_id.is_none() || !matches!(env.status.as_str(), "active" | "disabled") {
-        return Err(ApiError::conflict(format!(
-            "the environment is {}; only a deployed environment has a login link",
-            env.status
-        )));
-    }
-    let op = submit(
-        &state,
-        OperationKind::EnvironmentLogin,
-        &env.id,
-        json!({}),
-        &caller.0,
-    )
-    .await?;
+    let op = state.app().login(&id, &caller.origin()).await?.operation;
+    announce(&state, &op).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let current = state

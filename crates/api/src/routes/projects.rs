@@ -1,18 +1,14 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use hefring_core::operation::OperationKind;
-use hefring_core::{new_id, validate, IdKind};
-use hefring_store::ProjectRecord;
 use hefring_wire::{CreateProject, ErrorBody, List, Operation, PageQuery, Project};
-use serde_json::json;
 
 use super::page;
 use crate::auth::Caller;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Query};
-use crate::submit::{now_ms, submit};
+use crate::submit::accepted;
 use crate::AppState;
 
 /// List projects, newest first.
@@ -36,22 +32,7 @@ pub async fn create(
     State(state): State<AppState>,
     extract::Json(body): extract::Json<CreateProject>,
 ) -> ApiResult<(StatusCode, Json<Project>)> {
-    validate::name("name", &body.name)?;
-    validate::git_url("git_url", &body.git_url)?;
-    let branch = body.branch.unwrap_or_else(|| "main".into());
-    validate::git_ref("branch", &branch)?;
-    let now = now_ms();
-    let record = ProjectRecord {
-        id: new_id(IdKind::Project, now),
-        name: body.name,
-        git_url: body.git_url,
-        branch,
-        status: "new".into(),
-        manifest: None,
-        created_at: now,
-        updated_at: now,
-    };
-    state.store.insert_project(&record).await?;
+    let record = state.app().create_project(body).await?;
     Ok((StatusCode::CREATED, Json(convert::project(record))))
 }
 
@@ -78,18 +59,5 @@ pub async fn verify(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    state
-        .store
-        .get_project(&id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    let op = submit(
-        &state,
-        OperationKind::ProjectVerify,
-        &id,
-        json!({}),
-        &caller.0,
-    )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    accepted(&state, state.app().verify_project(&id, &caller.origin()).await).await
 }

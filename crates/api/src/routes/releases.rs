@@ -1,11 +1,8 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use hefring_core::operation::OperationKind;
-use hefring_core::{validate, IdKind};
 use hefring_wire::{BuildRelease, ErrorBody, FleetUpdate, List, Operation, PageQuery, Release};
 use serde::Deserialize;
-use serde_json::json;
 use utoipa::IntoParams;
 
 use super::page;
@@ -13,7 +10,7 @@ use crate::auth::Caller;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{self, Query};
-use crate::submit::submit;
+use crate::submit::accepted;
 use crate::AppState;
 
 /// Build a release of a branch, tag or commit. A commit that already has a release answers
@@ -27,38 +24,11 @@ pub async fn build(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<BuildRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let project = state
-        .store
-        .get_project(&id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    validate::git_ref("ref", &body.git_ref)?;
-    if validate::is_full_commit(&body.git_ref) {
-        if let Some(existing) = state
-            .store
-            .release_by_commit(&project.id, &body.git_ref)
-            .await?
-        {
-            if existing.status == "ready" {
-                if let Some(op) = state
-                    .store
-                    .get_operation(&existing.build_operation_id)
-                    .await?
-                {
-                    return Ok((StatusCode::ACCEPTED, Json(convert::operation(op))));
-                }
-            }
-        }
-    }
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::ReleaseBuild,
-        &project.id,
-        json!({ "ref": body.git_ref }),
-        &caller.0,
+        state.app().build_release(&id, body, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -125,56 +95,9 @@ pub async fn fleet_update(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<FleetUpdate>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    let from = match IdKind::Release.matches(&id) {
-        true => state.store.get_release(&id).await?,
-        false => None,
-    }
-    .ok_or(ApiError::NotFound)?;
-    let to = match IdKind::Release.matches(&body.to) {
-        true => state.store.get_release(&body.to).await?,
-        false => None,
-    }
-    .ok_or_else(|| ApiError::invalid("to", "no release has this id"))?;
-    if to.id == from.id {
-        return Err(ApiError::invalid(
-            "to",
-            "the release to update to is this one",
-        ));
-    }
-    if to.project_id != from.project_id {
-        return Err(ApiError::invalid(
-            "to",
-            "the release belongs to another project",
-        ));
-    }
-    if to.status != "ready" || to.artifact_sha256.is_none() {
-        return Err(ApiError::invalid(
-            "to",
-            format!("release {} is {}, not ready", to.id, to.status),
-        ));
-    }
-    let parallelism = body.parallelism.unwrap_or(1);
-    if !(1..=50).contains(&parallelism) {
-        return Err(ApiError::invalid("parallelism", "must be between 1 and 50"));
-    }
-    if !body.include_older && state.store.environments_running(&from.id).await?.is_empty() {
-        return Err(ApiError::conflict(format!(
-            "no environment runs release {}",
-            from.id
-        )));
-    }
-    let op = submit(
+    accepted(
         &state,
-        OperationKind::ReleaseFleetUpdate,
-        &from.id,
-        json!({
-            "to": to.id,
-            "parallelism": parallelism,
-            "max_failures": body.max_failures.unwrap_or(0),
-            "include_older": body.include_older,
-        }),
-        &caller.0,
+        state.app().fleet_update(&id, body, &caller.origin()).await,
     )
-    .await?;
-    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+    .await
 }

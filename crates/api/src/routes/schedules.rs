@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use hefring_core::environment::parse_iso_ms;
 use hefring_core::operation::OperationKind;
-use hefring_core::schedule::{BackupSchedule, EnvironmentSchedules, Schedule};
+use hefring_core::schedule::EnvironmentSchedules;
 use hefring_store::{EnvironmentRecord, OperationFilter, Page};
 use hefring_wire::{self as wire, ErrorBody, ScheduleStatus, SchedulerPass, SchedulerTick};
 
@@ -14,7 +14,6 @@ use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::extract;
 use crate::scheduler;
-use crate::submit::now_ms;
 use crate::AppState;
 
 async fn status(state: &AppState, env: &EnvironmentRecord) -> ApiResult<ScheduleStatus> {
@@ -94,57 +93,7 @@ pub async fn set(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<wire::Schedules>,
 ) -> ApiResult<Json<ScheduleStatus>> {
-    let mut env = load(&state, &id).await?;
-    if env.status == "deleted" {
-        return Err(ApiError::conflict("the environment is deleted"));
-    }
-    let cron = match &body.cron {
-        None => None,
-        Some(text) => {
-            Some(Schedule::parse(text).map_err(|e| ApiError::invalid("cron", e.to_string()))?)
-        }
-    };
-    let backups = match &body.backups {
-        None => None,
-        Some(b) => {
-            let schedule = Schedule::parse(&b.schedule)
-                .map_err(|e| ApiError::invalid("backups.schedule", e.to_string()))?;
-            if b.keep_daily == 0 && b.keep_weekly == 0 {
-                return Err(ApiError::invalid(
-                    "backups.keep_daily",
-                    "keep at least one daily or one weekly backup",
-                ));
-            }
-            if b.keep_daily > 3660 || b.keep_weekly > 520 {
-                return Err(ApiError::invalid(
-                    "backups.keep_daily",
-                    "keep at most 3660 daily and 520 weekly backups",
-                ));
-            }
-            Some(BackupSchedule {
-                schedule,
-                keep_daily: b.keep_daily,
-                keep_weekly: b.keep_weekly,
-            })
-        }
-    };
-    let schedules = EnvironmentSchedules { cron, backups };
-    let mut settings = env.settings.clone();
-    if !settings.is_object() {
-        settings = serde_json::json!({});
-    }
-    let value = serde_json::to_value(&schedules).expect("schedules serialise");
-    for field in ["cron", "backups"] {
-        match value.get(field) {
-            Some(v) => settings[field] = v.clone(),
-            None => {
-                settings.as_object_mut().expect("an object").remove(field);
-            }
-        }
-    }
-    env.settings = settings;
-    env.updated_at = now_ms();
-    state.store.update_environment(&env).await?;
+    let env = state.app().set_schedules(&id, body).await?;
     Ok(Json(status(&state, &env).await?))
 }
 

@@ -65,7 +65,7 @@ pub async fn read_manifest(t: &TaskContext<'_>) -> TaskResult {
             project.branch
         )));
     };
-    match Manifest::parse(&text) {
+    match Manifest::parse_new(&text) {
         Ok(manifest) => {
             t.log.info(format!(
                 "{MANIFEST_FILE} is valid: runtime {}, database {}, {} build, {} install and {} deploy commands",

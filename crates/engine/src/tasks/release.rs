@@ -139,7 +139,7 @@ fn read_manifest(dir: &Path) -> Result<Manifest, TaskError> {
             "{MANIFEST_FILE} is missing at the root of the commit"
         ))
     })?;
-    Manifest::parse(&text).map_err(|e| TaskError(e.to_string()))
+    Manifest::parse_new(&text).map_err(|e| TaskError(e.to_string()))
 }
 
 pub async fn check_out(t: &TaskContext<'_>) -> TaskResult {
