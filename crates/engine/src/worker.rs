@@ -311,49 +311,33 @@ impl Engine {
             .filter(|e| finished.status == OperationStatus::Failed && e.starts_with(POISON)))
     }
 
-    /// Stores the operation a foreign message asks for, with the message's id. Answers the
-    /// id to follow (an identical active operation's, if there is one), or why the message is
-    /// refused.
+    /// Stores the operation a foreign message asks for, with the message's id, through the
+    /// same application-layer function as the API request of its kind (`hefring_app`), so a
+    /// message is held to every rule a request is. Answers the id to follow (an identical
+    /// active operation's, if there is one), or why the message is refused, naming the field;
+    /// a refused message stores nothing.
     async fn create_announced(
         &self,
         id: &str,
         announcement: &hefring_queue::Announcement,
     ) -> Result<Result<String, String>, StoreError> {
-        use hefring_core::operation::OperationKind;
-        let Some(kind) = OperationKind::parse(&announcement.kind) else {
-            return Ok(Err(format!(
-                "hefring has no operation named {}",
-                announcement.kind
-            )));
-        };
-        let subject_key = kind.subject_type().as_str();
-        let mut inputs = match &announcement.kwargs {
-            Value::Object(map) => map.clone(),
-            _ => return Ok(Err("the kwargs must be an object".into())),
-        };
-        let subject = match inputs.remove(subject_key) {
-            Some(Value::String(subject)) => subject,
-            _ => {
-                return Ok(Err(format!(
-                "{} needs the {subject_key} id in its kwargs (kwargs={{\"{subject_key}\": ID}})",
-                announcement.kind
-            )))
-            }
-        };
-        let now = now_ms();
-        let mut new = hefring_store::NewOperation::planned(
-            kind,
-            &subject,
-            Value::Object(inputs),
-            "celery",
-            now,
-        );
-        new.id = id.to_string();
-        new.queue = announcement.queue.clone();
-        match self.ctx.store.create_operation(&new, now).await {
-            Ok(op) => Ok(Ok(op.id)),
-            Err(StoreError::Duplicate { existing }) => Ok(Ok(existing)),
-            Err(e) => Err(e),
+        use hefring_app::AppError;
+        let app = hefring_app::App::new(self.ctx.store.clone(), self.ctx.data_dir.clone());
+        let origin = hefring_app::Origin::message(id, &announcement.queue);
+        let subject = hefring_core::operation::OperationKind::parse(&announcement.kind)
+            .map(|kind| kind.subject_type().as_str())
+            .unwrap_or("task");
+        match app
+            .from_message(&announcement.kind, &announcement.kwargs, &origin)
+            .await
+        {
+            Ok(submitted) => Ok(Ok(submitted.operation.id)),
+            Err(AppError::Duplicate {
+                existing,
+                identical: true,
+            }) => Ok(Ok(existing)),
+            Err(AppError::Store(e)) => Err(e),
+            Err(refusal) => Ok(Err(refusal.describe(subject))),
         }
     }
 
