@@ -57,8 +57,7 @@ impl App {
                 "the source belongs to another project than the environment's",
             ));
         }
-        if source.release_id.is_none() || !matches!(source.status.as_str(), "active" | "disabled")
-        {
+        if source.release_id.is_none() || !matches!(source.status.as_str(), "active" | "disabled") {
             return Err(AppError::invalid(
                 "from",
                 format!("the source environment is {}, not deployed", source.status),
@@ -100,10 +99,13 @@ impl App {
         origin: &Origin,
     ) -> AppResult<Submitted> {
         let env = self.environment(env).await?;
-        let backup = self.backup_record(&body.backup).await.map_err(|e| match e {
-            AppError::NotFound { .. } => AppError::invalid("backup", "no backup has this id"),
-            other => other,
-        })?;
+        let backup = self
+            .backup_record(&body.backup)
+            .await
+            .map_err(|e| match e {
+                AppError::NotFound { .. } => AppError::invalid("backup", "no backup has this id"),
+                other => other,
+            })?;
         if backup.status != "ready" {
             return Err(AppError::invalid(
                 "backup",

@@ -211,7 +211,13 @@ async fn a_restore_of_another_projects_backup_is_refused_by_request_and_by_messa
         .await
         .unwrap_err();
     assert!(
-        matches!(busy, AppError::Duplicate { identical: false, .. }),
+        matches!(
+            busy,
+            AppError::Duplicate {
+                identical: false,
+                ..
+            }
+        ),
         "{busy:?}"
     );
 }
@@ -220,15 +226,31 @@ async fn a_restore_of_another_projects_backup_is_refused_by_request_and_by_messa
 async fn messages_name_the_field_they_get_wrong() {
     let f = fixture().await;
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("environment_restore", json!({"backup": f.backup_a}), "environment"),
-        ("environment_restore", json!({"environment": 7}), "environment"),
-        ("environment_restore", json!({"environment": f.env_a}), "backup"),
+        (
+            "environment_restore",
+            json!({"backup": f.backup_a}),
+            "environment",
+        ),
+        (
+            "environment_restore",
+            json!({"environment": 7}),
+            "environment",
+        ),
+        (
+            "environment_restore",
+            json!({"environment": f.env_a}),
+            "backup",
+        ),
         (
             "environment_restore",
             json!({"environment": f.env_a, "backup": f.backup_a, "kind": "scheduled"}),
             "kind",
         ),
-        ("environment_verify", json!({"environment": f.env_a, "x": 1}), "x"),
+        (
+            "environment_verify",
+            json!({"environment": f.env_a, "x": 1}),
+            "x",
+        ),
         (
             "environment_backup",
             json!({"environment": f.env_a, "description": "a\nb"}),
@@ -273,9 +295,15 @@ async fn messages_name_the_field_they_get_wrong() {
         let subject = OperationKind::parse(kind)
             .map(|k| k.subject_type().as_str())
             .unwrap_or("task");
-        assert_eq!(refusal.field(subject), expected, "{kind} {kwargs}: {refusal:?}");
+        assert_eq!(
+            refusal.field(subject),
+            expected,
+            "{kind} {kwargs}: {refusal:?}"
+        );
         assert!(
-            refusal.describe(subject).starts_with(&format!("{expected}: ")),
+            refusal
+                .describe(subject)
+                .starts_with(&format!("{expected}: ")),
             "{kind}: {}",
             refusal.describe(subject)
         );

@@ -437,15 +437,23 @@ mod tests {
             check_host_names("p-envx.invalid", &[]).unwrap_err().field,
             "domain"
         );
-        assert_eq!(check_host_names("invalid", &[]).unwrap_err().field, "domain");
+        assert_eq!(
+            check_host_names("invalid", &[]).unwrap_err().field,
+            "domain"
+        );
         assert_eq!(
             check_host_names("a.test", &[alias("b.test"), alias("x.invalid")])
                 .unwrap_err()
                 .field,
             "aliases[1].domain"
         );
-        let many: Vec<Alias> = (0..=MAX_ALIASES).map(|i| alias(&format!("a{i}.test"))).collect();
-        assert_eq!(check_host_names("a.test", &many).unwrap_err().field, "aliases");
+        let many: Vec<Alias> = (0..=MAX_ALIASES)
+            .map(|i| alias(&format!("a{i}.test")))
+            .collect();
+        assert_eq!(
+            check_host_names("a.test", &many).unwrap_err().field,
+            "aliases"
+        );
         check_host_names("a.test", &many[..MAX_ALIASES]).unwrap();
         check_host_names("invalid.test", &[]).unwrap();
     }

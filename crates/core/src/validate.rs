@@ -244,16 +244,14 @@ fn parse_inet_aton(text: &str) -> Option<std::net::Ipv4Addr> {
     }
     let mut values = Vec::with_capacity(4);
     for part in &parts {
-        let (digits, radix) = if let Some(hex) = part
-            .strip_prefix("0x")
-            .or_else(|| part.strip_prefix("0X"))
-        {
-            (hex, 16)
-        } else if part.len() > 1 && part.starts_with('0') {
-            (&part[1..], 8)
-        } else {
-            (*part, 10)
-        };
+        let (digits, radix) =
+            if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+                (hex, 16)
+            } else if part.len() > 1 && part.starts_with('0') {
+                (&part[1..], 8)
+            } else {
+                (*part, 10)
+            };
         if digits.is_empty() && radix != 16 {
             return None;
         }
@@ -299,7 +297,7 @@ pub fn repository_outside(field: &str, value: &str, data_dir: &str) -> Result<()
     if inside(data_dir) {
         return Err(FieldError::new(
             field,
-            "is inside Hefring's own data directory, which holds its secrets: \
+            "is inside Hefring's own data directory (its database and keys): \
              point at a repository elsewhere",
         ));
     }
@@ -395,8 +393,8 @@ pub fn setting_path(field: &str, value: &str) -> Result<(), FieldError> {
 /// A cron schedule given for a new manifest or an environment's override: it parses, and it
 /// fires at most once a minute (a seconds field, when present, is a single value).
 pub fn cron_schedule(field: &str, value: &str) -> Result<crate::schedule::Schedule, FieldError> {
-    let schedule =
-        crate::schedule::Schedule::parse(value).map_err(|e| FieldError::new(field, e.to_string()))?;
+    let schedule = crate::schedule::Schedule::parse(value)
+        .map_err(|e| FieldError::new(field, e.to_string()))?;
     if !schedule.fires_at_most_once_a_minute() {
         return Err(FieldError::new(
             field,
@@ -646,7 +644,15 @@ mod tests {
         ] {
             assert_eq!(parse_inet_aton(text), metadata, "{text}");
         }
-        for text in ["", "1.2.3.4.5", "256.1.1.1", "1.2.3.256", "a.b", "08.1.1.1", "example.com"] {
+        for text in [
+            "",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "a.b",
+            "08.1.1.1",
+            "example.com",
+        ] {
             assert_eq!(parse_inet_aton(text), None, "{text}");
         }
     }
@@ -685,15 +691,38 @@ mod tests {
         for ok in ["www-data", "nginx", "_www", "hf-web", "u0"] {
             assert!(web_user("web_user", ok).is_ok(), "{ok}");
         }
-        for bad in ["root", "0", "00", "1000", "", "Root", "-x", "a b", "a;b", &"a".repeat(33)] {
-            assert_eq!(web_user("web_user", bad).unwrap_err().field, "web_user", "{bad}");
+        for bad in [
+            "root",
+            "0",
+            "00",
+            "1000",
+            "",
+            "Root",
+            "-x",
+            "a b",
+            "a;b",
+            &"a".repeat(33),
+        ] {
+            assert_eq!(
+                web_user("web_user", bad).unwrap_err().field,
+                "web_user",
+                "{bad}"
+            );
         }
-        assert!(web_user("web_user", "root").unwrap_err().message.contains("uid 0"));
+        assert!(web_user("web_user", "root")
+            .unwrap_err()
+            .message
+            .contains("uid 0"));
     }
 
     #[test]
     fn setting_paths() {
-        for ok in ["/srv/hefring", "/etc/nginx/sites-enabled", "/a/php8.2+/u@h", "/a_b-c.d"] {
+        for ok in [
+            "/srv/hefring",
+            "/etc/nginx/sites-enabled",
+            "/a/php8.2+/u@h",
+            "/a_b-c.d",
+        ] {
             assert!(setting_path("root", ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -719,17 +748,37 @@ mod tests {
             "/é",
             &format!("/{}", "a".repeat(1024)),
         ] {
-            assert_eq!(setting_path("root", bad).unwrap_err().field, "root", "{bad:?}");
+            assert_eq!(
+                setting_path("root", bad).unwrap_err().field,
+                "root",
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn cron_schedules_fire_at_most_once_a_minute() {
-        for ok in ["*/15 * * * *", "@hourly", "30 * * * * *", "0 */5 * * * *", "*/60 * * * * *"] {
+        for ok in [
+            "*/15 * * * *",
+            "@hourly",
+            "30 * * * * *",
+            "0 */5 * * * *",
+            "*/60 * * * * *",
+        ] {
             assert!(cron_schedule("cron", ok).is_ok(), "{ok}");
         }
-        for bad in ["* * * * * *", "0,30 * * * * *", "*/10 * * * * *", "0-1 * * * * *", "x"] {
-            assert_eq!(cron_schedule("cron", bad).unwrap_err().field, "cron", "{bad}");
+        for bad in [
+            "* * * * * *",
+            "0,30 * * * * *",
+            "*/10 * * * * *",
+            "0-1 * * * * *",
+            "x",
+        ] {
+            assert_eq!(
+                cron_schedule("cron", bad).unwrap_err().field,
+                "cron",
+                "{bad}"
+            );
         }
     }
 

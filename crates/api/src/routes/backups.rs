@@ -78,7 +78,10 @@ pub async fn clone(
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     accepted(
         &state,
-        state.app().clone_environment(&id, body, &caller.origin()).await,
+        state
+            .app()
+            .clone_environment(&id, body, &caller.origin())
+            .await,
     )
     .await
 }
@@ -94,11 +97,7 @@ pub async fn sync(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<SyncEnvironment>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    accepted(
-        &state,
-        state.app().sync(&id, body, &caller.origin()).await,
-    )
-    .await
+    accepted(&state, state.app().sync(&id, body, &caller.origin()).await).await
 }
 
 /// Move the environment to another server target: a backup where it runs, a copy deployed on

@@ -110,7 +110,11 @@ pub async fn deploy(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<DeployRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    accepted(&state, state.app().deploy(&id, body, &caller.origin()).await).await
+    accepted(
+        &state,
+        state.app().deploy(&id, body, &caller.origin()).await,
+    )
+    .await
 }
 
 /// Update a deployed environment to another release, with zero downtime: the new release is
@@ -125,7 +129,11 @@ pub async fn update(
     Path(id): Path<String>,
     extract::Json(body): extract::Json<DeployRelease>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    accepted(&state, state.app().update(&id, body, &caller.origin()).await).await
+    accepted(
+        &state,
+        state.app().update(&id, body, &caller.origin()).await,
+    )
+    .await
 }
 
 /// Check that the environment's servers run and that it answers its health check.
@@ -188,7 +196,11 @@ async fn toggle(
     id: String,
     kind: OperationKind,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    accepted(&state, state.app().toggle(&id, kind, &caller.origin()).await).await
+    accepted(
+        &state,
+        state.app().toggle(&id, kind, &caller.origin()).await,
+    )
+    .await
 }
 
 /// A one-time link that logs in to the site, made by the manifest's `login` command in the

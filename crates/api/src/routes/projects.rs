@@ -59,5 +59,9 @@ pub async fn verify(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    accepted(&state, state.app().verify_project(&id, &caller.origin()).await).await
+    accepted(
+        &state,
+        state.app().verify_project(&id, &caller.origin()).await,
+    )
+    .await
 }

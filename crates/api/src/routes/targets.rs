@@ -59,7 +59,11 @@ pub async fn verify(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    accepted(&state, state.app().verify_target(&id, &caller.origin()).await).await
+    accepted(
+        &state,
+        state.app().verify_target(&id, &caller.origin()).await,
+    )
+    .await
 }
 
 /// Remove a target that runs no environments.
@@ -70,5 +74,9 @@ pub async fn delete(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    accepted(&state, state.app().delete_target(&id, &caller.origin()).await).await
+    accepted(
+        &state,
+        state.app().delete_target(&id, &caller.origin()).await,
+    )
+    .await
 }

@@ -605,3 +605,200 @@ async fn the_local_target_verify_reports_the_tools_and_fails_only_for_what_sites
         assert_eq!(target["status"], "failed");
     }
 }
+
+#[tokio::test]
+async fn hostile_settings_are_refused_at_the_edge_naming_the_field_and_nothing_is_stored() {
+    let server = Server::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let target = server
+        .create(
+            "/targets",
+            json!({"name": "web", "host": "local", "root": root.path().join("t")}),
+        )
+        .await;
+    let project = server
+        .create(
+            "/projects",
+            json!({"name": "site", "git_url": "/srv/git/site"}),
+        )
+        .await;
+    let env = server
+        .create(
+            "/environments",
+            json!({"name": "live", "project": project["id"], "target": target["id"], "domain": "live.test"}),
+        )
+        .await;
+    let env_id = env["id"].as_str().unwrap();
+    let lists = ["/targets", "/projects", "/environments", "/operations"];
+    let mut before = Vec::new();
+    for list in lists {
+        before.push(server.get(list).await.1);
+    }
+    let schedules = format!("/environments/{env_id}/schedules");
+    let (_, schedules_before) = server.get(&schedules).await;
+
+    let data = server.data_dir().to_string_lossy().into_owned();
+    let target_with = |extra: Value| {
+        let mut body = json!({"name": "hostile", "host": "local"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        ("/targets", reqwest::Method::POST, body)
+    };
+    let project_at = |url: &str| {
+        (
+            "/projects",
+            reqwest::Method::POST,
+            json!({"name": "p", "git_url": url}),
+        )
+    };
+    let environment_with = |extra: Value| {
+        let mut body = json!({"name": "e", "project": project["id"], "target": target["id"], "domain": "e.test"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        ("/environments", reqwest::Method::POST, body)
+    };
+    let schedule = |body: Value| (schedules.as_str(), reqwest::Method::PUT, body);
+    let many: Vec<Value> = (0..101)
+        .map(|i| json!({"domain": format!("a{i}.test")}))
+        .collect();
+    // Each request, the field its refusal must name, and a word the message must hold.
+    let cases = vec![
+        (target_with(json!({"web_user": "root"})), "web_user", "root"),
+        (target_with(json!({"web_user": "0"})), "web_user", "uid 0"),
+        (target_with(json!({"root": "/srv/a b"})), "root", "letters"),
+        (
+            target_with(json!({"root": "/srv/a;{b}"})),
+            "root",
+            "letters",
+        ),
+        (target_with(json!({"root": "/srv/$x"})), "root", "letters"),
+        (target_with(json!({"root": "srv/a"})), "root", "absolute"),
+        (
+            target_with(json!({"root": "/srv//a"})),
+            "root",
+            "normalised",
+        ),
+        (
+            target_with(json!({"root": "/srv/./a"})),
+            "root",
+            "normalised",
+        ),
+        (
+            target_with(json!({"root": "/srv/a/"})),
+            "root",
+            "normalised",
+        ),
+        (
+            target_with(json!({"system_nginx": {"sites_dir": "/etc/nginx/sites enabled"}})),
+            "system_nginx.sites_dir",
+            "letters",
+        ),
+        (
+            target_with(json!({"system_nginx": {"sites_dir": "/etc/nginx/../x"}})),
+            "system_nginx.sites_dir",
+            "normalised",
+        ),
+        (
+            project_at("https://user:secret@example.com/x.git"),
+            "git_url",
+            "deploy key",
+        ),
+        (
+            project_at("https://ghp_token@example.com/x.git"),
+            "git_url",
+            "deploy key",
+        ),
+        (
+            project_at("ssh://git:secret@example.com/x.git"),
+            "git_url",
+            "deploy key",
+        ),
+        (
+            project_at("ssh://-oProxyCommand=x@example.com/x"),
+            "git_url",
+            "'-'",
+        ),
+        (project_at("ssh://git@-oProxyCommand=x/y"), "git_url", "'-'"),
+        (
+            project_at("-oProxyCommand=x@example.com:x"),
+            "git_url",
+            "'-'",
+        ),
+        (
+            project_at("http://169.254.169.254/latest/meta-data"),
+            "git_url",
+            "metadata",
+        ),
+        (project_at("http://0xa9fea9fe/x"), "git_url", "metadata"),
+        (
+            project_at("http://metadata.google.internal/x"),
+            "git_url",
+            "metadata",
+        ),
+        (
+            project_at("http://100.100.100.200/x"),
+            "git_url",
+            "metadata",
+        ),
+        (
+            project_at(&format!("{data}/ssh")),
+            "git_url",
+            "data directory",
+        ),
+        (
+            project_at(&format!("file://{data}/state.db")),
+            "git_url",
+            "data directory",
+        ),
+        (
+            environment_with(json!({"domain": "p-x.invalid"})),
+            "domain",
+            ".invalid",
+        ),
+        (
+            environment_with(json!({"aliases": [{"domain": "ok.test"}, {"domain": "x.invalid"}]})),
+            "aliases[1].domain",
+            ".invalid",
+        ),
+        (environment_with(json!({"aliases": many})), "aliases", "100"),
+        (
+            schedule(json!({"cron": "* * * * * *"})),
+            "cron",
+            "once a minute",
+        ),
+        (
+            schedule(json!({"cron": "*/30 * * * * *"})),
+            "cron",
+            "once a minute",
+        ),
+        (
+            schedule(
+                json!({"backups": {"schedule": "0,1 * * * * *", "keep_daily": 1, "keep_weekly": 0}}),
+            ),
+            "backups.schedule",
+            "once a minute",
+        ),
+    ];
+    for ((path, method, body), field, word) in cases {
+        let (status, value) = error(&server, method.clone(), path, Some(&body.to_string())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {value}");
+        assert_eq!(value["error"]["code"], "invalid_field", "{body}: {value}");
+        assert_eq!(value["error"]["field"], field, "{body}: {value}");
+        let message = value["error"]["message"].as_str().unwrap();
+        assert!(message.contains(word), "{body}: {message}");
+        assert!(
+            !message.contains("secret"),
+            "a refusal repeats a credential: {message}"
+        );
+    }
+    for (list, before) in lists.iter().zip(before) {
+        assert_eq!(
+            server.get(list).await.1,
+            before,
+            "a refused request changed {list}"
+        );
+    }
+    assert_eq!(server.get(&schedules).await.1, schedules_before);
+}

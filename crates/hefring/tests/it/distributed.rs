@@ -287,10 +287,18 @@ except Exception as e:
             .contains("HefringOperationFailed"),
         "{bad}"
     );
+    // Refused by the same rule as the API's 404, naming the field; nothing is stored.
     assert!(
-        bad["error"].as_str().unwrap().contains("no longer exists"),
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("project: no project has this id"),
         "{bad}"
     );
+    let (status, _) = server
+        .get(&format!("/operations/{}", bad["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
     assert!(
         lines[2]["error"]
             .as_str()
@@ -810,4 +818,137 @@ async fn a_message_that_keeps_killing_workers_goes_to_the_dead_letter_queue() {
         server.wait_op(next["id"].as_str().unwrap()).await["status"],
         "succeeded"
     );
+}
+
+/// A ready backup of `environment`, stored directly: the rules look at the record only, so no
+/// database or files stand behind it.
+async fn stored_backup(database: &Database, environment: &str) -> String {
+    let store = hefring_store::connect(&database.url()).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let id = hefring_core::new_id(hefring_core::IdKind::Backup, now);
+    store
+        .insert_backup(&hefring_store::BackupRecord {
+            id: id.clone(),
+            environment_id: environment.into(),
+            operation_id: hefring_core::new_id(hefring_core::IdKind::Operation, now),
+            kind: "manual".into(),
+            description: String::new(),
+            status: "ready".into(),
+            object_key: format!("{id}.tar.zst"),
+            size: Some(1),
+            sha256: Some("0".repeat(64)),
+            manifest: None,
+            created_at: now,
+            updated_at: now,
+        })
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_message_is_held_to_the_apis_rules_and_its_refusal_names_the_field() {
+    let database = Database::create();
+    let vhost = Vhost::new();
+    let server = distributed_server(&database, &vhost).await;
+    let _worker = Worker::start(
+        server.data_dir(),
+        &database.url(),
+        &vhost.url(),
+        &["--concurrency", "1"],
+    );
+    let root = tempfile::tempdir().unwrap();
+    let target = server
+        .create(
+            "/targets",
+            json!({"name": "web", "host": "local", "root": root.path().join("t")}),
+        )
+        .await;
+    let mut environments = Vec::new();
+    for name in ["one", "two"] {
+        let project = server
+            .create(
+                "/projects",
+                json!({"name": name, "git_url": format!("/srv/git/{name}")}),
+            )
+            .await;
+        let env = server
+            .create(
+                "/environments",
+                json!({"name": name, "project": project["id"], "target": target["id"], "domain": format!("{name}.test")}),
+            )
+            .await;
+        environments.push(env["id"].as_str().unwrap().to_string());
+    }
+    let own = stored_backup(&database, &environments[0]).await;
+    let foreign = stored_backup(&database, &environments[1]).await;
+
+    // The API refuses a restore of another project's backup...
+    let (status, refused) = server
+        .post(
+            &format!("/environments/{}/restore", environments[0]),
+            json!({ "backup": foreign }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+        "{refused}"
+    );
+    assert_eq!(refused["error"]["field"], "backup");
+
+    let (_, ops_before) = server.get("/operations").await;
+    // ... and so does the worker, for the same request sent as a Celery message; the project's
+    // own backup passes that rule and is refused by the next (the environment is not deployed).
+    let script = r#"
+import json, sys
+from celery import Celery
+app = Celery(broker=sys.argv[1], backend="rpc://")
+for backup in sys.argv[3:]:
+    result = app.send_task("hefring.environment_restore",
+                           kwargs={"environment": sys.argv[2], "backup": backup}, queue="hefring")
+    try:
+        print(json.dumps({"id": result.id, "result": result.get(timeout=60)}))
+    except Exception as e:
+        print(json.dumps({"id": result.id, "state": result.state, "error": str(e)}))
+"#;
+    let out = Command::new(python_celery())
+        .args(["-c", script, &vhost.url(), &environments[0], &foreign, &own])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let error = |line: &Value| line["error"].as_str().unwrap_or_default().to_string();
+    assert_eq!(lines[0]["state"], "FAILURE", "{}", lines[0]);
+    assert!(
+        error(&lines[0]).contains("backup: the backup is of an environment of another project"),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(lines[1]["state"], "FAILURE", "{}", lines[1]);
+    assert!(
+        error(&lines[1]).contains("environment: the environment is new; only a deployed"),
+        "{}",
+        lines[1]
+    );
+    // Nothing was stored for either message.
+    for line in &lines {
+        let (status, _) = server
+            .get(&format!("/operations/{}", line["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{line}");
+    }
+    let (_, ops) = server.get("/operations").await;
+    assert_eq!(ops, ops_before);
 }
