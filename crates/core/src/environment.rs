@@ -100,6 +100,24 @@ impl Layout {
         format!("{}/backups/{name}", self.root)
     }
 
+    /// The lock every target-wide step takes (starting, testing and reloading the servers,
+    /// adding and removing users), whichever worker or machine runs it.
+    pub fn lock_file(&self) -> String {
+        format!("{}/hefring.lock", self.root)
+    }
+
+    /// The environment's own temporary directory: PHP's uploads in flight, sessions and
+    /// temporary files, and the home of its commands. Owned by the environment's user.
+    pub fn tmp_dir(&self, env: &str) -> String {
+        format!("{}/tmp", self.environment_dir(env))
+    }
+
+    /// Where the environment's user unpacks a backup being restored (named from the
+    /// operation), inside the environment's directory, which root owns.
+    pub fn restore_dir(&self, env: &str, name: &str) -> String {
+        format!("{}/restore-{name}", self.environment_dir(env))
+    }
+
     pub fn tls_dir(&self, env: &str) -> String {
         format!("{}/tls/{env}", self.root)
     }

@@ -1,6 +1,7 @@
 //! Hefring's domain. Everything here is pure: no I/O, no clock, no randomness except id
 //! generation, so every rule can be tested by calling a function.
 
+pub mod archive;
 pub mod backup;
 pub mod environment;
 pub mod id;

@@ -73,6 +73,30 @@ pub struct TargetSettings {
     /// `hefring.target.<id>` ([`target_queue`]), served by workers started with
     /// `--queues hefring.target.<id>` (next to the target's network), instead of `hefring`.
     pub own_queue: bool,
+    /// Whether each environment must run as its own Unix user (which needs Hefring to be
+    /// root on the target). `required`, the default, refuses to deploy where it cannot be.
+    pub isolation: Isolation,
+}
+
+/// Whether a target must isolate its environments from one another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Every environment runs as its own user; a deploy is refused where Hefring is not root.
+    #[default]
+    Required,
+    /// Where Hefring is not root (a developer's machine), every site runs as Hefring's own
+    /// user and can read the others': for trying Hefring out, never for hosting.
+    Optional,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Required => "required",
+            Isolation::Optional => "optional",
+        }
+    }
 }
 
 /// The queue of a target that has its own.
