@@ -273,7 +273,8 @@ fn append_dir<W: Write>(
         let mut header = tar::Header::new_gnu();
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
         header.set_mtime(mtime);
-        header.set_mode(meta.mode() & 0o7777);
+        // Permission bits only: a setuid bit a build command set must not reach a target.
+        header.set_mode(meta.mode() & 0o777);
         header.set_uid(0);
         header.set_gid(0);
         if meta.file_type().is_symlink() {

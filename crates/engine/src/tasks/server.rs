@@ -267,14 +267,6 @@ impl<'a> Server<'a> {
         self.layout.fpm(&self.accounts)
     }
 
-    /// `user:group` for files the sites write, when Hefring is root.
-    pub fn web_owner(&self) -> Option<String> {
-        match (&self.accounts.web_user, &self.accounts.web_group) {
-            (Some(u), Some(g)) => Some(format!("{u}:{g}")),
-            _ => None,
-        }
-    }
-
     /// Runs a fixed script with arguments; its output goes to the log. Fails unless it exits 0.
     pub async fn sh(&self, what: &str, script: &str, args: &[&str]) -> Result<(), TaskError> {
         let code = run_logged(self.exec.as_ref(), &script_spec(script, args), self.log).await?;
@@ -308,21 +300,6 @@ impl<'a> Server<'a> {
     /// Runs a command with its output in the log and answers its exit code.
     pub async fn run(&self, spec: &CommandSpec) -> Result<Option<i32>, TaskError> {
         run_logged(self.exec.as_ref(), spec, self.log).await
-    }
-
-    /// Runs a command of the project as the web user (when Hefring is root).
-    pub fn as_web_user(&self, mut spec: CommandSpec) -> CommandSpec {
-        if let Some(user) = &self.accounts.web_user {
-            let mut argv = vec![
-                "runuser".to_string(),
-                "-u".into(),
-                user.clone(),
-                "--".into(),
-            ];
-            argv.append(&mut spec.argv);
-            spec.argv = argv;
-        }
-        spec
     }
 
     /// Writes a file atomically. `secret` files are readable by their owner only.
