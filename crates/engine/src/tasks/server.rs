@@ -414,6 +414,8 @@ impl<'a> Server<'a> {
         let mut spec = script_spec(script, args);
         let mut argv = vec![
             "flock".to_string(),
+            // Not inherited by what the script starts: a daemon must not keep the lock.
+            "--close".into(),
             "-w".into(),
             "300".into(),
             self.layout.lock_file(),
