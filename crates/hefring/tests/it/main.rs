@@ -9,6 +9,7 @@ mod durability;
 mod environments;
 mod fleet;
 mod harness;
+mod isolation;
 mod mediawiki;
 mod migrate;
 mod operations;
