@@ -109,6 +109,58 @@ async fn register_local_target(
     Ok(())
 }
 
+/// Environments deployed before isolation (no user of their own) on targets that require it
+/// each get one `environment_isolate` operation, queued when an upgraded Hefring starts; one
+/// already queued or running is left alone (the duplicate guard).
+async fn queue_isolation(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>) -> Result<()> {
+    use hefring_core::target::Isolation;
+    let mut page = hefring_store::Page {
+        limit: 200,
+        cursor: None,
+    };
+    loop {
+        let listed = store.list_environments(&Default::default(), &page).await?;
+        for env in &listed.items {
+            let settled = matches!(env.status.as_str(), "active" | "disabled");
+            if !settled || !env.resources["user"].is_null() {
+                continue;
+            }
+            let Some(target) = store.get_target(&env.target_id).await? else {
+                continue;
+            };
+            if target.kind != "server" || target.settings.isolation != Isolation::Required {
+                continue;
+            }
+            let now = now_ms();
+            let mut op = NewOperation::planned(
+                OperationKind::EnvironmentIsolate,
+                &env.id,
+                serde_json::json!({}),
+                "hefring",
+                now,
+            );
+            op.queue = hefring_store::queue_for(
+                store.as_ref(),
+                OperationKind::EnvironmentIsolate,
+                &env.id,
+            )
+            .await?;
+            match store.create_operation(&op, now).await {
+                Ok(op) => {
+                    tracing::info!(environment = %env.id, operation = %op.id, "queued the move of an environment to its own user");
+                    let _ = queue.publish(&hefring_api::job_for(&op)).await;
+                }
+                Err(hefring_store::StoreError::Duplicate { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match listed.next {
+            Some(next) => page.cursor = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// The backup store `--backup-store` names (default: `DATA_DIR/backups`).
 fn backup_store(args: &EngineArgs, dir: &Path) -> Result<Arc<dyn hefring_objects::ObjectStore>> {
     let spec = match &args.backup_store {
@@ -205,6 +257,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         None => Arc::new(EmbeddedQueue::new()),
     };
     register_local_target(&store, &queue, &dir).await?;
+    queue_isolation(&store, &queue).await?;
     let backups = backup_store(&args.engine, &dir)?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -937,11 +937,12 @@ fn restore_archive(site: &Site<'_>, t: &TaskContext<'_>) -> String {
 /// that stay inside) as the environment's user into its own directory, then takes the dump's
 /// and the files' SHA-256.
 const UNPACK: &str = r#"set -e
-umask 077
+umask 027
 export LC_ALL=C
 archive=$1; work=$2
 DIGEST
-if ! { zstd -q -d -c "$archive" | tar -x --no-same-owner --no-same-permissions -f - -C "$work"; }; then
+# The files keep the modes they had (nginx reads them through the environment's group).
+if ! { zstd -q -d -c "$archive" | tar -x --no-same-owner --same-permissions -f - -C "$work"; }; then
   echo "unpacked no"; exit 0
 fi
 # The dump's digest and the files' listing side by side, on two cores.

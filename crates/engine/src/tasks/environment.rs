@@ -625,6 +625,11 @@ async fn ensure_account(t: &TaskContext<'_>, site: &mut Site<'_>) -> Result<(), 
         };
     }
     let new_environment = matches!(t.op.kind, K::EnvironmentDeploy | K::EnvironmentClone);
+    // Test builds can deploy as Hefring did before isolation, to prove the upgrade.
+    #[cfg(feature = "fault-injection")]
+    if std::env::var_os("HEFRING_FAULT_SHARED_WEB_USER").is_some() {
+        return Ok(());
+    }
     if site.own_user().is_none() {
         if !new_environment {
             return Ok(());
@@ -642,6 +647,81 @@ async fn ensure_account(t: &TaskContext<'_>, site: &mut Site<'_>) -> Result<(), 
         "the environment runs as its own user {name} (uid {uid})"
     ));
     Ok(())
+}
+
+/// `environment_isolate`, first step: the environment gets its own user (recorded before it
+/// is made); the served release's manifest goes into the operation's state for the steps
+/// that rewrite its pool and server blocks.
+pub async fn create_user(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    if !site.server.is_root {
+        return Err(TaskError(format!(
+            "Hefring is not root on {}: the environment cannot have its own user",
+            site.server.target.name
+        )));
+    }
+    let (release, manifest) = served_release(t, &site.env).await?;
+    if site.own_user().is_none() {
+        let name = hefring_core::isolation::environment_user(site.id());
+        site.env.resources["user"] = json!({ "name": name });
+        save_env(t, &mut site.env).await?;
+    }
+    let name = site.own_user().unwrap_or_default().to_string();
+    let uid = site
+        .server
+        .ensure_user(&name, &site.layout().tmp_dir(site.id()))
+        .await?;
+    t.log
+        .info(format!("the environment's own user: {name} (uid {uid})"));
+    Ok(TaskOutput::with_state(json!({
+        "manifest": manifest,
+        "release_id": release.id,
+    })))
+}
+
+/// Hands what an environment deployed before isolation made over to its own user: the
+/// environment's and releases' directories become root's with the environment's group, its
+/// files, database and temporary directories (and the links to them) its user's. `chown -hR`
+/// changes links themselves and never follows one into another tree.
+const HAND_OVER: &str = r#"set -e
+env=$1; user=$2; shift 2
+for d in "$env" "$env/releases"; do [ -L "$d" ] && { echo "$d is a link" >&2; exit 1; }; chown -h "root:$user" "$d"; chmod 750 "$d"; done
+for d in "$env/releases"/*; do
+  [ -d "$d" ] && [ ! -L "$d" ] || continue
+  chgrp -hR "$user" "$d"; chmod -R o-rwx,go-w "$d"
+  find "$d" -type l -lname "$env/files/*" -exec chown -h "$user:$user" {} +
+done
+for d in files database tmp; do
+  [ -L "$env/$d" ] && { echo "$env/$d is a link" >&2; exit 1; }
+  mkdir -p "$env/$d"
+  chown -hR "$user:$user" "$env/$d"
+done
+chmod 750 "$env/files" "$env/database"; chmod 700 "$env/tmp"
+if [ -d "$env/dumps" ]; then chown -hR "root:$user" "$env/dumps"; chmod 750 "$env/dumps"; fi
+"#;
+
+pub async fn hand_over_files(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let user = site
+        .own_user()
+        .ok_or_else(|| TaskError::new("the environment has no user yet (create_user)"))?
+        .to_string();
+    site.server
+        .mkdirs(
+            std::slice::from_ref(&site.layout().environments_dir()),
+            "711",
+        )
+        .await?;
+    site.server
+        .sh(
+            "handing the files to the environment's user",
+            HAND_OVER,
+            &[&site.layout().environment_dir(site.id()), &user],
+        )
+        .await?;
+    t.log
+        .info(format!("files, database and releases now belong to {user}"));
+    Ok(TaskOutput::done())
 }
 
 pub(super) fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
@@ -1249,7 +1329,12 @@ async fn acme_certificate(
 pub async fn write_pool(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let manifest = manifest(t)?;
-    let release = load_release(t, &input_release(t)?).await?;
+    // A deploy names its release; an isolation rewrites the served one's pool.
+    let release = match t.state["release_id"].as_str() {
+        Some(id) if t.op.inputs["release"].is_null() => id.to_string(),
+        _ => input_release(t)?,
+    };
+    let release = load_release(t, &release).await?;
     let fpm_instance = site.server.fpm();
     // The pool carries the variables that stay the same from release to release, so an update
     // never has to restart PHP; HEFRING_RELEASE and HEFRING_COMMIT reach the commands only.

@@ -130,7 +130,8 @@ async fn a_hostile_site_reads_nothing_of_its_neighbour_and_root_keeps_its_files(
     let canary = RootCanary::new();
 
     // The victim: the fixture app on SQLite, with a secret in its persistent files.
-    let victim_project = add_project(&server, "victim", &app_repo("sqlite")).await;
+    let victim_repo = app_repo("sqlite");
+    let victim_project = add_project(&server, "victim", &victim_repo).await;
     let victim_release = build(&server, &victim_project).await;
     let victim = environment(&server, "victim", &victim_project, &target).await;
     let op = deploy(&server, &victim, &victim_release).await;
@@ -231,7 +232,7 @@ async fn a_hostile_site_reads_nothing_of_its_neighbour_and_root_keeps_its_files(
     // the site's own user, it holds nothing the site could not read already.
     let attacker_dir = root.path().join("environments").join(&attacker);
     let planted_db = attacker_dir.join("database/site.sqlite");
-    std::fs::remove_file(&planted_db).unwrap();
+    let _ = std::fs::remove_file(&planted_db);
     std::os::unix::fs::symlink(&sqlite, &planted_db).unwrap();
     let planted_file = attacker_dir.join("files/uploads/stolen");
     std::os::unix::fs::symlink(&canary.path, &planted_file).unwrap();
@@ -252,15 +253,16 @@ async fn a_hostile_site_reads_nothing_of_its_neighbour_and_root_keeps_its_files(
     }
     if op["status"] == "succeeded" {
         let backup = op["result"]["backup"].as_str().unwrap();
-        let archive = server
-            .http()
-            .get(format!("{}/api/v1/backups/{backup}/download", server.url))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+        let response = server
+            .raw(
+                server
+                    .http()
+                    .get(format!("{}/api/v1/backups/{backup}/download", server.url))
+                    .bearer_auth(&server.token),
+            )
+            .await;
+        assert!(response.status().is_success());
+        let archive = response.bytes().await.unwrap();
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), &archive).unwrap();
         let raw = Command::new("zstd")
@@ -291,13 +293,14 @@ async fn hostile_releases_are_refused_before_anything_is_unpacked() {
     let server = Server::start().await;
     let root = target_root();
     let (target, _, _) = local_target(&server, "shared", root.path()).await;
-    let shadow = std::fs::symlink_metadata("/etc/shadow").unwrap();
-    let shadow_content = std::fs::read("/etc/shadow").unwrap();
+    let canary = RootCanary::new();
+    let canary_dir = canary.path.parent().unwrap().to_path_buf();
 
-    // `leak -> /etc` committed, `leak/shadow` named writable: root would have copied
-    // /etc/shadow into the site's files and replaced it with a link the site owns.
-    let leak = Repo::new("database: none\nwritable: [leak/shadow]\n");
-    std::os::unix::fs::symlink("/etc", Path::new(&leak.url()).join("leak")).unwrap();
+    // `leak -> DIR` committed, `leak/secret` named writable: root would have copied the
+    // root-only file into the site's files, given it to the site and replaced the original
+    // with a link the site owns.
+    let leak = Repo::new("database: none\nwritable: [leak/secret]\n");
+    std::os::unix::fs::symlink(&canary_dir, Path::new(&leak.url()).join("leak")).unwrap();
     leak.git(&["add", "-A"]);
     leak.git(&["commit", "-q", "-m", "leak"]);
     // A docroot link to a system file, served as a page.
@@ -328,10 +331,7 @@ async fn hostile_releases_are_refused_before_anything_is_unpacked() {
             .join(&release);
         assert!(!releases.exists(), "the refused release was unpacked");
     }
-    let after = std::fs::symlink_metadata("/etc/shadow").unwrap();
-    assert!(after.file_type().is_file());
-    assert_eq!((after.uid(), after.mode()), (shadow.uid(), shadow.mode()));
-    assert_eq!(std::fs::read("/etc/shadow").unwrap(), shadow_content);
+    canary.assert_untouched();
 
     // `..` in the manifest's paths is refused when the release is built.
     let dots = Repo::new("database: none\nwritable: [../../etc]\n");
@@ -344,4 +344,64 @@ async fn hostile_releases_are_refused_before_anything_is_unpacked() {
         .await;
     let op = server.wait_op(op["id"].as_str().unwrap()).await;
     assert_eq!(op["status"], "failed", "{op}");
+}
+
+/// An environment deployed before isolation (test builds can still deploy that way) moves to
+/// its own user through one `environment_isolate` operation queued when Hefring starts again,
+/// and keeps serving its data.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_deployed_before_isolation_moves_to_its_own_user_at_upgrade() {
+    let mut server = Server::start_with(&[], &[("HEFRING_FAULT_SHARED_WEB_USER", "1")]).await;
+    let root = target_root();
+    let (target, http, _) = local_target(&server, "old", root.path()).await;
+    let repo = app_repo("sqlite");
+    let project = add_project(&server, "app", &repo).await;
+    let release = build(&server, &project).await;
+    let env = environment(&server, "legacy", &project, &target).await;
+    let op = deploy(&server, &env, &release).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let files = root.path().join("environments").join(&env).join("files");
+    let www = uid_of("www-data");
+    assert_eq!(owner_of(&files), www, "deployed as before isolation");
+    let client = site_client(&["legacy.iso.test"], http, None);
+    let url = format!("http://legacy.iso.test:{http}/");
+    let (_, before) = page(&client, &url).await;
+    assert!(before.contains("upload=from-install"), "{before}");
+
+    server.restart(&[]);
+    let isolate = loop {
+        let (_, ops) = server
+            .get(&format!("/operations?subject={env}&limit=50"))
+            .await;
+        if let Some(op) = ops["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|o| o["kind"] == "environment_isolate"))
+        {
+            break op["id"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let op = server.wait_op(&isolate).await;
+    assert_eq!(op["status"], "succeeded", "{op}");
+    let uid = uid_of(&user_of(&env));
+    assert!(hefring_core::isolation::is_environment_uid(uid));
+    assert_eq!(owner_of(&files), uid);
+    assert_eq!(owner_of(&files.join("uploads/kept.txt")), uid);
+    let (status, after) = page(&client, &url).await;
+    assert!(status.is_success(), "{status} {after}");
+    assert!(after.contains("upload=from-install"), "{after}");
+    // One operation per environment: a second start queues no other.
+    server.restart(&[]);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (_, ops) = server
+        .get(&format!("/operations?subject={env}&limit=50"))
+        .await;
+    let count = ops["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["kind"] == "environment_isolate")
+        .count();
+    assert_eq!(count, 1);
 }
