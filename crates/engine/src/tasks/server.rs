@@ -173,8 +173,10 @@ done
 const STATUS: &str = r#"pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "running $pid" || echo stopped"#;
 
 /// Writes stdin to `$1` atomically with mode `$2` (and owner `$3` when given).
+/// The temporary name is the writer's own (`$$`): two deploys writing the same shared file at
+/// once (the masters' configuration on a fresh target) must not rename each other's.
 const WRITE_FILE: &str = r#"set -e
-part="$1.part"
+part="$1.part.$$"
 umask 077
 cat > "$part"
 chmod "$2" "$part"

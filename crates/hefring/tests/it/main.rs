@@ -18,3 +18,4 @@ mod s3_backups;
 mod schedules;
 mod scram;
 mod ssh;
+mod target_lock;
