@@ -183,7 +183,7 @@ pub(super) async fn new_environment(
         aliases,
         https,
         status: "new".into(),
-        secrets: json!({}),
+        secrets: hefring_core::Secret::new(json!({})),
         resources: json!({}),
         settings: json!({}),
         created_at: now,
