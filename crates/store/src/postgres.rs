@@ -1081,8 +1081,10 @@ impl Store for PostgresStore {
 
     async fn update_project(&self, p: &ProjectRecord) -> Result<()> {
         sqlx::query(
-            "UPDATE projects SET status = $1, manifest = $2, deploy_public_key = $3,
-                deploy_private_key = $4, updated_at = $5 WHERE id = $6",
+            // A deploy key is never removed: a record read before it was made keeps it.
+            "UPDATE projects SET status = $1, manifest = $2,
+                deploy_public_key = COALESCE($3, deploy_public_key),
+                deploy_private_key = COALESCE($4, deploy_private_key), updated_at = $5 WHERE id = $6",
         )
         .bind(&p.status)
         .bind(p.manifest.as_ref().map(Value::to_string))

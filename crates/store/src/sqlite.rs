@@ -666,8 +666,10 @@ impl Store for SqliteStore {
         let p = p.clone();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE projects SET status = ?, manifest = ?, deploy_public_key = ?,
-                    deploy_private_key = ?, updated_at = ? WHERE id = ?",
+                // A deploy key is never removed: a record read before it was made keeps it.
+                "UPDATE projects SET status = ?, manifest = ?,
+                    deploy_public_key = COALESCE(?, deploy_public_key),
+                    deploy_private_key = COALESCE(?, deploy_private_key), updated_at = ? WHERE id = ?",
             )?
             .execute(params![
                 p.status,
