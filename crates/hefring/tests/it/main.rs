@@ -16,4 +16,5 @@ mod postgres;
 mod s3_backups;
 mod schedules;
 mod scram;
+mod secrets;
 mod ssh;
