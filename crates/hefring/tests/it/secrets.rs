@@ -276,8 +276,7 @@ async fn secrets_are_sealed_at_rest_through_an_upgrade_and_a_key_rotation() {
     assert_eq!(e.secrets.expose()["db_password"], old_db.as_str());
     let refused = read(old_key.clone())
         .await
-        .err()
-        .expect("the old key is refused");
+        .expect_err("the old key is refused");
     assert!(refused.to_string().contains("secret key"), "{refused}");
     std::fs::remove_file(&old_key).unwrap();
 
