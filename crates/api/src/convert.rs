@@ -68,6 +68,7 @@ pub fn project(p: ProjectRecord) -> wire::Project {
         branch: p.branch,
         status: p.status,
         manifest: p.manifest,
+        deploy_key: p.deploy_key.map(|k| k.public_key),
         created_at: timestamp(p.created_at),
         updated_at: timestamp(p.updated_at),
     }
@@ -152,14 +153,14 @@ pub fn target_settings(
         }
         admin.port = m.port.unwrap_or(admin.port);
         admin.user = m.user.unwrap_or_else(|| admin.user.clone());
-        admin.password = m.password;
+        admin.password = m.password.map(hefring_core::Secret::new);
     }
     if let Some(p) = postgresql {
         let admin = &mut settings.postgresql;
         admin.host = p.host.unwrap_or_else(|| admin.host.clone());
         admin.port = p.port.unwrap_or(admin.port);
         admin.user = p.user.unwrap_or_else(|| admin.user.clone());
-        admin.password = p.password;
+        admin.password = p.password.map(hefring_core::Secret::new);
     }
     settings
 }

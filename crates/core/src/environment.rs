@@ -220,7 +220,8 @@ pub fn host_names<'a>(domain: &'a str, aliases: &'a [Alias]) -> Vec<&'a str> {
 }
 
 /// How an environment reaches its database: what its commands and pool see as `DB_*`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatabaseAccess {
     pub kind: DatabaseKind,
     pub host: String,
@@ -230,6 +231,20 @@ pub struct DatabaseAccess {
     pub password: String,
     /// The database file, for SQLite.
     pub path: String,
+}
+
+impl std::fmt::Debug for DatabaseAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseAccess")
+            .field("kind", &self.kind)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("name", &self.name)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl DatabaseAccess {

@@ -10,8 +10,10 @@ pub mod manifest;
 pub mod operation;
 pub mod render;
 pub mod schedule;
+pub mod secret;
 pub mod target;
 pub mod validate;
 
 pub use id::{new_id, IdKind};
+pub use secret::Secret;
 pub use validate::FieldError;

@@ -145,7 +145,7 @@ pub struct MariadbAdmin {
     pub host: Option<String>,
     pub port: u16,
     pub user: String,
-    pub password: Option<String>,
+    pub password: Option<crate::Secret<String>>,
 }
 
 impl Default for MariadbAdmin {
@@ -177,7 +177,7 @@ pub struct PostgresqlAdmin {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: Option<String>,
+    pub password: Option<crate::Secret<String>>,
 }
 
 impl Default for PostgresqlAdmin {
@@ -228,7 +228,7 @@ impl TargetSettings {
         }
         word("mariadb.user", &self.mariadb.user)?;
         if let Some(p) = &self.mariadb.password {
-            secret("mariadb.password", p)?;
+            secret("mariadb.password", p.expose())?;
         }
         if self.mariadb.port == 0 {
             return Err(FieldError::new(
@@ -239,7 +239,7 @@ impl TargetSettings {
         word("postgresql.host", &self.postgresql.host)?;
         word("postgresql.user", &self.postgresql.user)?;
         if let Some(p) = &self.postgresql.password {
-            secret("postgresql.password", p)?;
+            secret("postgresql.password", p.expose())?;
         }
         if self.postgresql.port == 0 {
             return Err(FieldError::new(

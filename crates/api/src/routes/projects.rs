@@ -3,7 +3,8 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use hefring_core::operation::OperationKind;
 use hefring_core::{new_id, validate, IdKind};
-use hefring_store::ProjectRecord;
+use hefring_store::{DeployKey, ProjectRecord};
+use hefring_wire::DeployKey as DeployKeyBody;
 use hefring_wire::{CreateProject, ErrorBody, List, Operation, PageQuery, Project};
 use serde_json::json;
 
@@ -41,13 +42,15 @@ pub async fn create(
     let branch = body.branch.unwrap_or_else(|| "main".into());
     validate::git_ref("branch", &branch)?;
     let now = now_ms();
+    let id = new_id(IdKind::Project, now);
     let record = ProjectRecord {
-        id: new_id(IdKind::Project, now),
+        id: id.clone(),
         name: body.name,
         git_url: body.git_url,
         branch,
         status: "new".into(),
         manifest: None,
+        deploy_key: Some(new_deploy_key(&id)),
         created_at: now,
         updated_at: now,
     };
@@ -92,4 +95,40 @@ pub async fn verify(
     )
     .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+}
+
+/// A new deploy key for the project `id`.
+pub fn new_deploy_key(id: &str) -> DeployKey {
+    let (private, public) = hefring_backend_server::deploy_key::generate(&format!("hefring-{id}"));
+    DeployKey {
+        public_key: public,
+        private_key: hefring_store::Secret::new(private),
+    }
+}
+
+/// The public half of the project's deploy key: give it to the repository's host, and the
+/// project's fetches (verify, builds) use this key alone. Made now for a project from before
+/// deploy keys.
+#[utoipa::path(get, path = "/api/v1/projects/{id}/deploy-key", tag = "projects", params(("id" = String, Path)),
+    responses((status = 200, body = DeployKeyBody), (status = 404, body = ErrorBody)))]
+pub async fn deploy_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeployKeyBody>> {
+    let mut project = state
+        .store
+        .get_project(&id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let key = match &project.deploy_key {
+        Some(key) => key.public_key.clone(),
+        None => {
+            let key = new_deploy_key(&project.id);
+            let public = key.public_key.clone();
+            project.deploy_key = Some(key);
+            state.store.update_project(&project).await?;
+            public
+        }
+    };
+    Ok(Json(DeployKeyBody { public_key: key }))
 }

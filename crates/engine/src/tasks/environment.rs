@@ -227,7 +227,9 @@ impl<'a> Site<'a> {
     pub(super) fn database(&self, manifest: &Manifest) -> Option<DatabaseAccess> {
         let settings = &self.server.target.settings;
         let name = environment::database_name(self.id());
-        let password = self.env.secrets["db_password"].as_str().unwrap_or_default();
+        let password = self.env.secrets.expose()["db_password"]
+            .as_str()
+            .unwrap_or_default();
         let access = |kind, host: String, port| DatabaseAccess {
             kind,
             host,
@@ -739,7 +741,7 @@ pub(super) fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
     argv.extend([format!("--user={}", admin.user), "--batch".into()]);
     let mut spec = CommandSpec::new(argv);
     if let Some(password) = &admin.password {
-        spec = spec.env("MYSQL_PWD", password);
+        spec = spec.env("MYSQL_PWD", password.expose());
     }
     spec
 }
@@ -763,7 +765,7 @@ pub(super) fn psql_admin_on(site: &Site<'_>, database: &str) -> CommandSpec {
         format!("--dbname={database}"),
     ]);
     if let Some(password) = &admin.password {
-        spec = spec.env("PGPASSWORD", password);
+        spec = spec.env("PGPASSWORD", password.expose());
     }
     spec
 }
@@ -790,7 +792,7 @@ pub(super) fn dump_command(site: &Site<'_>, access: &DatabaseAccess, path: &str)
                 access.name.clone(),
             ]);
             if let Some(password) = &admin.password {
-                spec = spec.env("PGPASSWORD", password);
+                spec = spec.env("PGPASSWORD", password.expose());
             }
             spec
         }
@@ -889,8 +891,8 @@ pub async fn create_database(t: &TaskContext<'_>) -> TaskResult {
     }
     // Recorded before anything is created: a retry reuses the password, and a delete drops
     // what a half-finished attempt made.
-    if site.env.secrets["db_password"].as_str().is_none() {
-        site.env.secrets["db_password"] =
+    if site.env.secrets.expose()["db_password"].as_str().is_none() {
+        site.env.secrets.expose_mut()["db_password"] =
             json!(Alphanumeric.sample_string(&mut rand::thread_rng(), 32));
     }
     site.env.resources["database"] = json!(manifest.database);
@@ -1876,7 +1878,7 @@ pub(super) async fn remove_copy(site: &Site<'_>, keep_database: bool) -> Result<
 pub async fn mark_deleted(t: &TaskContext<'_>) -> TaskResult {
     let mut env = load_env(t).await?;
     env.status = "deleted".into();
-    env.secrets = json!({});
+    env.secrets = hefring_core::Secret::new(json!({}));
     save_env(t, &mut env).await?;
     Ok(TaskOutput::done())
 }

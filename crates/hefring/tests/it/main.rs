@@ -17,5 +17,6 @@ mod postgres;
 mod s3_backups;
 mod schedules;
 mod scram;
+mod secrets;
 mod ssh;
 mod target_lock;
