@@ -67,6 +67,7 @@ pub fn project(p: ProjectRecord) -> wire::Project {
         branch: p.branch,
         status: p.status,
         manifest: p.manifest,
+        deploy_key: p.deploy_key.map(|k| k.public_key),
         created_at: timestamp(p.created_at),
         updated_at: timestamp(p.updated_at),
     }

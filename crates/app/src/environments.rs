@@ -106,7 +106,7 @@ impl App {
             aliases,
             https,
             status: "new".into(),
-            secrets: json!({}),
+            secrets: hefring_core::Secret::new(json!({})),
             resources: json!({}),
             settings: json!({}),
             created_at: now,

@@ -132,10 +132,14 @@ impl App {
                 nothing_else(&body)?;
                 self.delete_backup(&subject, origin).await
             }
-            K::EnvironmentCron | K::EnvironmentPruneBackups => Err(AppError::invalid(
-                "task",
-                format!("{kind} is started by Hefring's scheduler, not by a message"),
-            )),
+            // The scheduler's runs, and the move of an environment to its own user queued
+            // when Hefring starts: Hefring's own, never asked for.
+            K::EnvironmentCron | K::EnvironmentPruneBackups | K::EnvironmentIsolate => {
+                Err(AppError::invalid(
+                    "task",
+                    format!("{kind} is started by Hefring itself, not by a message"),
+                ))
+            }
             K::SystemNoop => {
                 nothing_else(&body)?;
                 self.store_operation(kind, &subject, Value::Object(body), origin)

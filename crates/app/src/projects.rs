@@ -2,7 +2,7 @@
 
 use hefring_core::operation::OperationKind;
 use hefring_core::{new_id, validate, IdKind};
-use hefring_store::ProjectRecord;
+use hefring_store::{DeployKey, ProjectRecord};
 use hefring_wire as wire;
 use serde_json::json;
 
@@ -39,15 +39,22 @@ impl App {
         Ok(())
     }
 
-    /// Adds a project from a git URL or an absolute local path.
-    pub async fn create_project(&self, body: wire::CreateProject) -> AppResult<ProjectRecord> {
+    /// Adds a project from a git URL or an absolute local path, with a deploy key made by
+    /// `deploy_key` (given the project's id) once the request is accepted.
+    pub async fn create_project(
+        &self,
+        body: wire::CreateProject,
+        deploy_key: impl FnOnce(&str) -> DeployKey,
+    ) -> AppResult<ProjectRecord> {
         validate::name("name", &body.name)?;
         self.check_git_url(&body.git_url)?;
         let branch = body.branch.unwrap_or_else(|| "main".into());
         validate::git_ref("branch", &branch)?;
         let now = now_ms();
+        let id = new_id(IdKind::Project, now);
         let record = ProjectRecord {
-            id: new_id(IdKind::Project, now),
+            deploy_key: Some(deploy_key(&id)),
+            id,
             name: body.name,
             git_url: body.git_url,
             branch,

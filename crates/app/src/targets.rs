@@ -42,14 +42,14 @@ pub fn target_settings(
         }
         admin.port = m.port.unwrap_or(admin.port);
         admin.user = m.user.unwrap_or_else(|| admin.user.clone());
-        admin.password = m.password;
+        admin.password = m.password.map(hefring_core::Secret::new);
     }
     if let Some(p) = postgresql {
         let admin = &mut settings.postgresql;
         admin.host = p.host.unwrap_or_else(|| admin.host.clone());
         admin.port = p.port.unwrap_or(admin.port);
         admin.user = p.user.unwrap_or_else(|| admin.user.clone());
-        admin.password = p.password;
+        admin.password = p.password.map(hefring_core::Secret::new);
     }
     settings
 }

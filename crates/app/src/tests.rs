@@ -22,7 +22,7 @@ struct Fixture {
 }
 
 async fn store_in(dir: &std::path::Path) -> Arc<dyn Store> {
-    hefring_store::connect(&dir.join("state.db").to_string_lossy())
+    hefring_store::connect_unsealed(&dir.join("state.db").to_string_lossy())
         .await
         .unwrap()
 }
@@ -102,7 +102,7 @@ async fn fixture() -> Fixture {
             git_url: format!("/srv/git/{name}"),
             branch: None,
         };
-        projects.push(app.create_project(body).await.unwrap().id);
+        projects.push(app.create_project(body, no_key).await.unwrap().id);
     }
     let (env_a, backup_a) = deployed(&app, &projects[0], &target, "a").await;
     let (env_b, backup_b) = deployed(&app, &projects[1], &target, "b").await;
@@ -114,6 +114,14 @@ async fn fixture() -> Fixture {
         env_b,
         backup_a,
         backup_b,
+    }
+}
+
+/// A key that is never used: these tests fetch nothing.
+fn no_key(_project: &str) -> hefring_store::DeployKey {
+    hefring_store::DeployKey {
+        public_key: "ssh-ed25519 AAAA test".into(),
+        private_key: hefring_core::Secret::new("unused".into()),
     }
 }
 
@@ -359,7 +367,11 @@ async fn hostile_settings_are_refused_naming_the_field_and_nothing_is_stored() {
             git_url: url.clone(),
             branch: None,
         };
-        assert_eq!(field(f.app.create_project(body).await), "git_url", "{url}");
+        assert_eq!(
+            field(f.app.create_project(body, no_key).await),
+            "git_url",
+            "{url}"
+        );
     }
     for cron in ["* * * * * *", "*/2 * * * * *"] {
         let body = wire::Schedules {

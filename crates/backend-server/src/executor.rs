@@ -184,7 +184,10 @@ impl Executor for LocalExecutor {
             program: "copy".into(),
             source,
         };
-        let partial = format!("{remote}.part");
+        // A name of this copy's own: several operations may copy the same artifact at once.
+        static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let partial = format!("{remote}.part.{}.{n}", std::process::id());
         tokio::fs::copy(local, &partial).await.map_err(io_err)?;
         tokio::fs::rename(&partial, remote).await.map_err(io_err)?;
         Ok(())

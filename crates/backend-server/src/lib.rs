@@ -3,6 +3,7 @@
 //! from user input) and streams their output.
 
 pub mod ca;
+pub mod deploy_key;
 pub mod executor;
 pub mod inspect;
 pub mod ssh;

@@ -195,7 +195,9 @@ impl Executor for SshExecutor {
         let mut command = self.ssh_command().await?;
         // One argument: the remote shell reads it as a command line.
         let quoted = shell_quote(remote);
-        let partial = shell_quote(&format!("{remote}.part"));
+        // A name of this copy's own (the remote shell's pid): several operations may copy the
+        // same artifact at once.
+        let partial = format!("{}.$$", shell_quote(&format!("{remote}.part")));
         command.arg(format!("cat > {partial} && mv -f {partial} {quoted}"));
         let errors = std::sync::Mutex::new(Vec::new());
         let sink = |_: crate::executor::Stream, line: String| errors.lock().unwrap().push(line);

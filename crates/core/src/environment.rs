@@ -100,6 +100,24 @@ impl Layout {
         format!("{}/backups/{name}", self.root)
     }
 
+    /// The lock every target-wide step takes (starting, testing and reloading the servers,
+    /// adding and removing users), whichever worker or machine runs it.
+    pub fn lock_file(&self) -> String {
+        format!("{}/hefring.lock", self.root)
+    }
+
+    /// The environment's own temporary directory: PHP's uploads in flight, sessions and
+    /// temporary files, and the home of its commands. Owned by the environment's user.
+    pub fn tmp_dir(&self, env: &str) -> String {
+        format!("{}/tmp", self.environment_dir(env))
+    }
+
+    /// Where the environment's user unpacks a backup being restored (named from the
+    /// operation), inside the environment's directory, which root owns.
+    pub fn restore_dir(&self, env: &str, name: &str) -> String {
+        format!("{}/restore-{name}", self.environment_dir(env))
+    }
+
     pub fn tls_dir(&self, env: &str) -> String {
         format!("{}/tls/{env}", self.root)
     }
@@ -229,7 +247,8 @@ pub fn host_names<'a>(domain: &'a str, aliases: &'a [Alias]) -> Vec<&'a str> {
 }
 
 /// How an environment reaches its database: what its commands and pool see as `DB_*`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `Debug` leaves the password out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatabaseAccess {
     pub kind: DatabaseKind,
     pub host: String,
@@ -239,6 +258,20 @@ pub struct DatabaseAccess {
     pub password: String,
     /// The database file, for SQLite.
     pub path: String,
+}
+
+impl std::fmt::Debug for DatabaseAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseAccess")
+            .field("kind", &self.kind)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("name", &self.name)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl DatabaseAccess {

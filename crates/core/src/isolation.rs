@@ -11,6 +11,11 @@
 pub const ENVIRONMENT_UID_MIN: u32 = 1_600_000_000;
 pub const ENVIRONMENT_UID_MAX: u32 = 1_699_999_999;
 
+/// Where root keeps, on each machine, the lock and the high-water mark of environment uids.
+/// Machine-wide rather than per target root: users are machine-wide, and several
+/// installations (or test servers) may share a machine.
+pub const USER_STATE_DIR: &str = "/var/lib/hefring";
+
 /// The unprivileged user build commands run as (created when missing).
 pub const BUILD_USER: &str = "hefring-build";
 

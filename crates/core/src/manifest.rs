@@ -98,6 +98,23 @@ fn default_docroot() -> String {
     ".".into()
 }
 
+/// Paths of the tree that reach nginx's configuration (as `location` prefixes) and the
+/// target's shell scripts: letters, digits, `.`, `_`, `-`, `+`, `@` and `/` only.
+fn plain_path(field: &str, path: &str) -> Result<(), FieldError> {
+    match path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+' | '@' | '/')))
+    {
+        None => Ok(()),
+        Some(c) => Err(FieldError::new(
+            field,
+            format!(
+                "holds {c:?}: only letters, digits, '.', '_', '-', '+', '@' and '/' are allowed"
+            ),
+        )),
+    }
+}
+
 fn default_health() -> String {
     "/".into()
 }
@@ -124,13 +141,32 @@ impl Manifest {
 
     fn check(&self) -> Result<(), FieldError> {
         validate::relative_path("docroot", &self.docroot)?;
+        plain_path("docroot", &self.docroot)?;
+        let within = |path: &str, dir: &str| path == dir || path.starts_with(&format!("{dir}/"));
         for (i, path) in self.writable.iter().enumerate() {
             let field = format!("writable[{i}]");
             validate::relative_path(&field, path)?;
+            plain_path(&field, path)?;
             if path == "." {
                 return Err(FieldError::new(
                     field,
                     "must name a directory inside the tree",
+                ));
+            }
+            // The site writes there: serving the docroot from it would let PHP run uploads.
+            if within(&self.docroot, path) {
+                return Err(FieldError::new(
+                    field,
+                    "holds the docroot: the code the site serves must not be writable",
+                ));
+            }
+            if let Some(other) = self.writable[..i]
+                .iter()
+                .find(|o| within(path, o) || within(o, path))
+            {
+                return Err(FieldError::new(
+                    field,
+                    format!("overlaps the writable path {other:?}: each must stand alone"),
                 ));
             }
         }
@@ -261,6 +297,10 @@ health: /user/login
         assert!(refusal("databse: mariadb").contains("unknown field `databse`"));
         assert!(refusal("database: oracle").contains("unknown variant `oracle`"));
         assert!(refusal("docroot: ../etc").contains("docroot"));
+        assert!(refusal("docroot: web\nwritable: [web]").contains("holds the docroot"));
+        assert!(refusal("writable: [a, a/b]").contains("overlaps"));
+        assert!(refusal("writable: [\"a b\"]").contains("only letters"));
+        assert!(refusal("docroot: \"w;eb\"").contains("docroot"));
         assert!(refusal("writable: [/var]").contains("writable[0]"));
         assert!(refusal("health: nope").contains("health"));
         assert!(refusal("build: ['']").contains("build[0]"));

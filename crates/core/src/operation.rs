@@ -63,6 +63,7 @@ string_enum!(
         EnvironmentMigrate => "environment_migrate",
         EnvironmentCron => "environment_cron",
         EnvironmentPruneBackups => "environment_prune_backups",
+        EnvironmentIsolate => "environment_isolate",
         BackupDelete => "backup_delete",
         ReleaseFleetUpdate => "release_fleet_update",
         SystemNoop => "system_noop",
@@ -114,7 +115,8 @@ impl OperationKind {
             | OperationKind::EnvironmentSync
             | OperationKind::EnvironmentMigrate
             | OperationKind::EnvironmentCron
-            | OperationKind::EnvironmentPruneBackups => SubjectType::Environment,
+            | OperationKind::EnvironmentPruneBackups
+            | OperationKind::EnvironmentIsolate => SubjectType::Environment,
             OperationKind::BackupDelete => SubjectType::Backup,
             // Serialised per release it updates from: two fleet updates of one release never
             // run at once.
@@ -238,6 +240,15 @@ impl OperationKind {
             ],
             OperationKind::EnvironmentCron => &["run_cron_command"],
             OperationKind::EnvironmentPruneBackups => &["prune_backups"],
+            // An environment deployed before isolation moves to its own user: queued once per
+            // such environment when an upgraded Hefring starts.
+            OperationKind::EnvironmentIsolate => &[
+                "create_user",
+                "hand_over_files",
+                "write_pool",
+                "write_server_block",
+                "check_health",
+            ],
             OperationKind::BackupDelete => &["remove_archive"],
             // A canary first, alone: its failure stops everything. Then the rest, a bounded
             // number at a time, each a child operation of its own.

@@ -73,6 +73,30 @@ pub struct TargetSettings {
     /// `hefring.target.<id>` ([`target_queue`]), served by workers started with
     /// `--queues hefring.target.<id>` (next to the target's network), instead of `hefring`.
     pub own_queue: bool,
+    /// Whether each environment must run as its own Unix user (which needs Hefring to be
+    /// root on the target). `required`, the default, refuses to deploy where it cannot be.
+    pub isolation: Isolation,
+}
+
+/// Whether a target must isolate its environments from one another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Every environment runs as its own user; a deploy is refused where Hefring is not root.
+    #[default]
+    Required,
+    /// Where Hefring is not root (a developer's machine), every site runs as Hefring's own
+    /// user and can read the others': for trying Hefring out, never for hosting.
+    Optional,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Required => "required",
+            Isolation::Optional => "optional",
+        }
+    }
 }
 
 /// The queue of a target that has its own.
@@ -121,7 +145,7 @@ pub struct MariadbAdmin {
     pub host: Option<String>,
     pub port: u16,
     pub user: String,
-    pub password: Option<String>,
+    pub password: Option<crate::Secret<String>>,
 }
 
 impl Default for MariadbAdmin {
@@ -153,7 +177,7 @@ pub struct PostgresqlAdmin {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: Option<String>,
+    pub password: Option<crate::Secret<String>>,
 }
 
 impl Default for PostgresqlAdmin {
@@ -207,7 +231,7 @@ impl TargetSettings {
         }
         word("mariadb.user", &self.mariadb.user)?;
         if let Some(p) = &self.mariadb.password {
-            secret("mariadb.password", p)?;
+            secret("mariadb.password", p.expose())?;
         }
         if self.mariadb.port == 0 {
             return Err(FieldError::new(
@@ -218,7 +242,7 @@ impl TargetSettings {
         word("postgresql.host", &self.postgresql.host)?;
         word("postgresql.user", &self.postgresql.user)?;
         if let Some(p) = &self.postgresql.password {
-            secret("postgresql.password", p)?;
+            secret("postgresql.password", p.expose())?;
         }
         if self.postgresql.port == 0 {
             return Err(FieldError::new(

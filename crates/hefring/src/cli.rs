@@ -28,6 +28,11 @@ pub struct StateArgs {
     /// The state database (default: SQLite in the data directory).
     #[arg(long, env = "HEFRING_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// The installation's secret key, which seals every secret in the state database
+    /// (default: DATA_DIR/secret.key, made on first start). Back it up: without it, every
+    /// stored secret is lost. Every process sharing a database needs the same key.
+    #[arg(long, env = "HEFRING_SECRET_KEY_FILE")]
+    pub secret_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -210,6 +215,13 @@ pub enum AdminCommand {
         #[arg(long)]
         name: String,
     },
+    /// Make a new secret key and seal every stored secret with it; the previous key is kept
+    /// as KEY_FILE.old until every secret is sealed again (run again to finish an
+    /// interrupted rotation). Stop every `serve` and `worker` first.
+    RotateSecretKey {
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -276,6 +288,11 @@ pub enum ProjectCommand {
         project: String,
         #[command(flatten)]
         follow: Follow,
+    },
+    /// Print the project's deploy key (public half): add it to the repository (read-only);
+    /// the project's fetches use it alone.
+    DeployKey {
+        project: String,
     },
 }
 

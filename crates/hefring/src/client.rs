@@ -427,6 +427,15 @@ pub async fn project(args: ClientArgs, command: ProjectCommand) -> Result<i32> {
                 .await?;
             return client.started(value, follow.follow).await;
         }
+        ProjectCommand::DeployKey { project } => {
+            let id = client.resolve("projects", "prj_", &project).await?;
+            let value = client
+                .send(Method::GET, &format!("/projects/{id}/deploy-key"), None)
+                .await?;
+            client.print(&value, || {
+                println!("{}", value["public_key"].as_str().unwrap_or_default())
+            });
+        }
     }
     Ok(0)
 }

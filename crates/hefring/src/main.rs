@@ -36,6 +36,9 @@ fn main() {
             Command::Admin {
                 command: AdminCommand::CreateToken { state, name },
             } => serve::create_token(state, name).await.map(|_| 0),
+            Command::Admin {
+                command: AdminCommand::RotateSecretKey { state },
+            } => serve::rotate_secret_key(state).await.map(|_| 0),
             Command::Target { client, command } => client::target(client, command).await,
             Command::Project { client, command } => client::project(client, command).await,
             Command::Release { client, command } => client::release(client, command).await,

@@ -94,7 +94,7 @@ mod tests {
             aliases: vec![],
             https,
             status: status.into(),
-            secrets: json!({}),
+            secrets: hefring_core::Secret::new(json!({})),
             settings: json!({}),
             resources: match not_after {
                 Some(t) => json!({"certificate": {"not_after": t}}),

@@ -1,6 +1,7 @@
 //! `hefring serve` and `hefring admin`: wiring the store, the queue, the engine and the API.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,32 +12,85 @@ use hefring_core::{new_id, IdKind};
 use hefring_engine::{time::now_ms, Engine, EngineConfig};
 use hefring_queue::amqp::{AmqpOptions, AmqpQueue};
 use hefring_queue::{EmbeddedQueue, Queue};
-use hefring_store::{NewOperation, Store, TargetRecord, TokenRecord};
+use hefring_store::{NewOperation, SealedStore, Store, TargetRecord, TokenRecord};
 
 use crate::cli::{EngineArgs, ServeArgs, StateArgs, WorkerArgs};
 
-/// The data directory, created if needed, as an absolute path.
+/// The data directory, created if needed, as an absolute path. It holds the state, the keys
+/// and every project's mirror: its owner alone may enter it (0700, made so if it was not).
 fn data_dir(state: &StateArgs) -> Result<PathBuf> {
-    std::fs::create_dir_all(&state.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            state.data_dir.display()
-        )
-    })?;
-    Ok(std::fs::canonicalize(&state.data_dir)?)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state.data_dir)
+        .with_context(|| {
+            format!(
+                "cannot create the data directory {}",
+                state.data_dir.display()
+            )
+        })?;
+    let dir = std::fs::canonicalize(&state.data_dir)?;
+    owner_only(&dir, 0o700)?;
+    Ok(dir)
+}
+
+/// Sets `path`'s mode to `mode` (owner only) unless it is already.
+fn owner_only(path: &Path, mode: u32) -> Result<()> {
+    let current = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    if current != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The key file: `--secret-key-file`, by default `DATA_DIR/secret.key`.
+fn key_files(state: &StateArgs, data_dir: &Path) -> hefring_store::KeyFiles {
+    hefring_store::KeyFiles::new(
+        state
+            .secret_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("secret.key")),
+    )
 }
 
 /// The state database: `--database-url` (SQLite or PostgreSQL), by default SQLite in the
-/// data directory. Answers whether it is the embedded default.
-pub async fn open_store(state: &StateArgs, data_dir: &Path) -> Result<(Arc<dyn Store>, bool)> {
+/// data directory (its files 0600), its secrets sealed with the installation's key (made on
+/// first start). Answers whether it is the embedded default.
+pub async fn open_store(state: &StateArgs, data_dir: &Path) -> Result<(Arc<SealedStore>, bool)> {
+    let keys = key_files(state, data_dir);
+    let sealer = keys
+        .load_or_create()
+        .with_context(|| format!("cannot read or make the secret key {}", keys.path.display()))?;
+    open_store_with(state, data_dir, Arc::new(sealer)).await
+}
+
+async fn open_store_with(
+    state: &StateArgs,
+    data_dir: &Path,
+    sealer: Arc<hefring_store::Sealer>,
+) -> Result<(Arc<SealedStore>, bool)> {
     let (url, embedded) = match &state.database_url {
         Some(url) => (url.clone(), false),
-        None => (
-            format!("sqlite://{}", data_dir.join("hefring.db").display()),
-            true,
-        ),
+        None => {
+            let db = data_dir.join("hefring.db");
+            // SQLite gives its -wal and -shm files the database file's mode.
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&db)
+                .with_context(|| format!("cannot create {}", db.display()))?;
+            for suffix in ["", "-wal", "-shm"] {
+                let file = data_dir.join(format!("hefring.db{suffix}"));
+                if file.exists() {
+                    owner_only(&file, 0o600)?;
+                }
+            }
+            (format!("sqlite://{}", db.display()), true)
+        }
     };
-    let store = hefring_store::connect(&url)
+    let store = hefring_store::connect(&url, sealer)
         .await
         .context("cannot open the state database")?;
     Ok((store, embedded))
@@ -107,6 +161,58 @@ async fn register_local_target(
     }
     store.set_setting("local_target_registered", "1").await?;
     Ok(())
+}
+
+/// Environments deployed before isolation (no user of their own) on targets that require it
+/// each get one `environment_isolate` operation, queued when an upgraded Hefring starts; one
+/// already queued or running is left alone (the duplicate guard).
+async fn queue_isolation(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>) -> Result<()> {
+    use hefring_core::target::Isolation;
+    let mut page = hefring_store::Page {
+        limit: 200,
+        cursor: None,
+    };
+    loop {
+        let listed = store.list_environments(&Default::default(), &page).await?;
+        for env in &listed.items {
+            let settled = matches!(env.status.as_str(), "active" | "disabled");
+            if !settled || !env.resources["user"].is_null() {
+                continue;
+            }
+            let Some(target) = store.get_target(&env.target_id).await? else {
+                continue;
+            };
+            if target.kind != "server" || target.settings.isolation != Isolation::Required {
+                continue;
+            }
+            let now = now_ms();
+            let mut op = NewOperation::planned(
+                OperationKind::EnvironmentIsolate,
+                &env.id,
+                serde_json::json!({}),
+                "hefring",
+                now,
+            );
+            op.queue = hefring_store::queue_for(
+                store.as_ref(),
+                OperationKind::EnvironmentIsolate,
+                &env.id,
+            )
+            .await?;
+            match store.create_operation(&op, now).await {
+                Ok(op) => {
+                    tracing::info!(environment = %env.id, operation = %op.id, "queued the move of an environment to its own user");
+                    let _ = queue.publish(&hefring_api::job_for(&op)).await;
+                }
+                Err(hefring_store::StoreError::Duplicate { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match listed.next {
+            Some(next) => page.cursor = Some(next),
+            None => return Ok(()),
+        }
+    }
 }
 
 /// The backup store `--backup-store` names (default: `DATA_DIR/backups`).
@@ -181,7 +287,23 @@ async fn stop_signal() {
 pub async fn serve(args: ServeArgs) -> Result<()> {
     let dir = data_dir(&args.state)?;
     let _lock = lock_data_dir(&dir)?;
-    let (store, embedded) = open_store(&args.state, &dir).await?;
+    let (sealed, embedded) = open_store(&args.state, &dir).await?;
+    let report = sealed
+        .seal_everything()
+        .await
+        .context("cannot seal the stored secrets")?;
+    if report.ran {
+        tracing::info!(
+            key = sealed.sealer().current_id(),
+            rows = report.resealed,
+            login_links_forgotten = report.forgotten,
+            "stored secrets sealed with the installation's key"
+        );
+    }
+    if sealed.sealer().has_older_keys() {
+        tracing::warn!("a secret key rotation was interrupted: run `hefring admin rotate-secret-key` again to finish it");
+    }
+    let store: Arc<dyn Store> = sealed;
     if embedded {
         // We hold the data directory's lock, so every running lease is a dead process's.
         // (A shared PostgreSQL database waits for leases to expire instead.)
@@ -205,6 +327,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         None => Arc::new(EmbeddedQueue::new()),
     };
     register_local_target(&store, &queue, &dir).await?;
+    queue_isolation(&store, &queue).await?;
     let backups = backup_store(&args.engine, &dir)?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -301,6 +424,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         }
     }
     let (store, _) = open_store(&args.state, &dir).await?;
+    let store: Arc<dyn Store> = store;
     let queue = broker(url, args.queues.clone(), args.concurrency).await?;
     let mut config = engine_config(
         &args.engine,
@@ -367,5 +491,33 @@ pub async fn create_token(state: StateArgs, name: String) -> Result<()> {
         .await?;
     eprintln!("created admin token {name:?}; it is shown once:");
     println!("{token}");
+    Ok(())
+}
+
+/// `hefring admin rotate-secret-key`: a new key, every secret sealed again with it, then the
+/// previous key removed. Each step can be cut short and the command run again.
+pub async fn rotate_secret_key(state: StateArgs) -> Result<()> {
+    let dir = data_dir(&state)?;
+    // No embedded server may run meanwhile (it would write with the previous key).
+    let _lock = lock_data_dir(&dir)?;
+    let keys = key_files(&state, &dir);
+    let sealer = keys
+        .begin_rotation()
+        .with_context(|| format!("cannot rotate the secret key {}", keys.path.display()))?;
+    let (store, _) = open_store_with(&state, &dir, Arc::new(sealer)).await?;
+    let report = store
+        .seal_everything()
+        .await
+        .context("cannot seal the stored secrets with the new key")?;
+    let id = store.sealer().current_id().to_string();
+    drop(store);
+    keys.finish_rotation()
+        .with_context(|| format!("cannot remove {}", keys.old_path().display()))?;
+    eprintln!(
+        "every stored secret ({} rows) is sealed with the new key {id} in {}; back that file up \
+         now (the previous key is gone), and give it to every process sharing the database",
+        report.resealed,
+        keys.path.display()
+    );
     Ok(())
 }

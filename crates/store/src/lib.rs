@@ -7,12 +7,16 @@
 
 mod postgres;
 mod records;
+mod sealed;
+pub mod secrets;
 mod sqlite;
 #[cfg(test)]
 mod story;
 
 pub use postgres::PostgresStore;
 pub use records::*;
+pub use sealed::{SealReport, SealedStore};
+pub use secrets::{KeyFiles, Sealer};
 pub use sqlite::SqliteStore;
 
 use std::sync::Arc;
@@ -56,10 +60,17 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).expect("records serialise to JSON")
 }
 
-/// Opens the store a database URL names, bringing its schema up to date: `sqlite:…` or a plain
-/// path is SQLite (the file is created if needed), `postgres://…` or `postgresql://…` is
-/// PostgreSQL. Any other scheme is [`StoreError::Unsupported`].
-pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+/// Opens the store a database URL names, bringing its schema up to date, with its secrets
+/// sealed by `sealer` ([`SealedStore`]): `sqlite:…` or a plain path is SQLite (the file is
+/// created if needed), `postgres://…` or `postgresql://…` is PostgreSQL. Any other scheme is
+/// [`StoreError::Unsupported`].
+pub async fn connect(url: &str, sealer: Arc<Sealer>) -> Result<Arc<SealedStore>> {
+    let inner = connect_unsealed(url).await?;
+    Ok(Arc::new(SealedStore::new(inner, sealer).await?))
+}
+
+/// The backend alone, without sealing: for tests that look at rows as they are stored.
+pub async fn connect_unsealed(url: &str) -> Result<Arc<dyn Store>> {
     // A scheme is a letter, then letters, digits, `+`, `-` or `.`, then `:`. One letter is a
     // Windows drive, not a scheme.
     let scheme = url.split_once(':').map(|(s, _)| s).filter(|s| {
@@ -256,6 +267,13 @@ pub trait Store: Send + Sync + 'static {
     }
     async fn append_logs(&self, id: &str, lines: &[NewLogLine]) -> Result<()>;
     async fn read_logs(&self, id: &str, after_seq: i64, limit: u32) -> Result<Vec<LogLine>>;
+
+    /// Removes `key` from the operation's state (a login link, once answered).
+    async fn remove_state_key(&self, id: &str, key: &str) -> Result<()>;
+    /// Rewrites the store's files so that values overwritten or deleted so far leave no trace
+    /// in them (SQLite: `VACUUM`, then the WAL truncated). Run after plaintext secrets were
+    /// sealed in place; slow on a big database.
+    async fn scrub(&self) -> Result<()>;
 
     // Settings
     async fn get_setting(&self, key: &str) -> Result<Option<String>>;

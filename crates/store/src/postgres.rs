@@ -200,7 +200,7 @@ fn environment_from_row(row: &PgRow) -> Result<EnvironmentRecord> {
         aliases: typed_json_col(row, "aliases")?,
         https: parse_enum(row, "https", Https::parse)?,
         status: row.try_get("status")?,
-        secrets: json_col(row, "secrets")?,
+        secrets: Secret::new(json_col(row, "secrets")?),
         resources: json_col(row, "resources")?,
         settings: json_col(row, "settings")?,
         created_at: row.try_get("created_at")?,
@@ -233,6 +233,10 @@ fn project_from_row(row: &PgRow) -> Result<ProjectRecord> {
         branch: row.try_get("branch")?,
         status: row.try_get("status")?,
         manifest: opt_json_col(row, "manifest")?,
+        deploy_key: deploy_key(
+            row.try_get("deploy_public_key")?,
+            row.try_get("deploy_private_key")?,
+        ),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -1030,8 +1034,9 @@ impl Store for PostgresStore {
 
     async fn insert_project(&self, p: &ProjectRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO projects (id, name, git_url, branch, status, manifest, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO projects (id, name, git_url, branch, status, manifest, deploy_public_key,
+                deploy_private_key, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(&p.id)
         .bind(&p.name)
@@ -1039,6 +1044,12 @@ impl Store for PostgresStore {
         .bind(&p.branch)
         .bind(&p.status)
         .bind(p.manifest.as_ref().map(Value::to_string))
+        .bind(p.deploy_key.as_ref().map(|k| k.public_key.clone()))
+        .bind(
+            p.deploy_key
+                .as_ref()
+                .map(|k| k.private_key.expose().clone()),
+        )
         .bind(p.created_at)
         .bind(p.updated_at)
         .execute(&self.pool)
@@ -1070,10 +1081,19 @@ impl Store for PostgresStore {
 
     async fn update_project(&self, p: &ProjectRecord) -> Result<()> {
         sqlx::query(
-            "UPDATE projects SET status = $1, manifest = $2, updated_at = $3 WHERE id = $4",
+            // A deploy key is never removed: a record read before it was made keeps it.
+            "UPDATE projects SET status = $1, manifest = $2,
+                deploy_public_key = COALESCE($3, deploy_public_key),
+                deploy_private_key = COALESCE($4, deploy_private_key), updated_at = $5 WHERE id = $6",
         )
         .bind(&p.status)
         .bind(p.manifest.as_ref().map(Value::to_string))
+        .bind(p.deploy_key.as_ref().map(|k| k.public_key.clone()))
+        .bind(
+            p.deploy_key
+                .as_ref()
+                .map(|k| k.private_key.expose().clone()),
+        )
         .bind(p.updated_at)
         .bind(&p.id)
         .execute(&self.pool)
@@ -1182,7 +1202,7 @@ impl Store for PostgresStore {
         .bind(to_json(&e.aliases))
         .bind(e.https.as_str())
         .bind(&e.status)
-        .bind(e.secrets.to_string())
+        .bind(e.secrets.expose().to_string())
         .bind(e.resources.to_string())
         .bind(e.settings.to_string())
         .bind(e.created_at)
@@ -1249,7 +1269,7 @@ impl Store for PostgresStore {
         .bind(to_json(&e.aliases))
         .bind(e.https.as_str())
         .bind(&e.status)
-        .bind(e.secrets.to_string())
+        .bind(e.secrets.expose().to_string())
         .bind(e.resources.to_string())
         .bind(e.settings.to_string())
         .bind(&e.target_id)
@@ -1766,6 +1786,24 @@ impl Store for PostgresStore {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    async fn remove_state_key(&self, id: &str, key: &str) -> Result<()> {
+        sqlx::query("UPDATE operations SET state = (state::jsonb - $2)::text WHERE id = $1")
+            .bind(id)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn scrub(&self) -> Result<()> {
+        // Dead row versions go; what PostgreSQL's own WAL and backups hold is the database
+        // administrator's to expire.
+        sqlx::query("VACUUM targets, projects, environments, operations")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn set_setting(&self, key: &str, value: &str) -> Result<()> {

@@ -4,6 +4,7 @@ use hefring_core::operation::{OperationKind, OperationStatus, SubjectType, TaskS
 use hefring_core::render::nginx::Alias;
 use hefring_core::render::Https;
 use hefring_core::target::TargetSettings;
+pub use hefring_core::Secret;
 use serde_json::Value;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -38,7 +39,8 @@ pub struct EnvironmentRecord {
     pub aliases: Vec<Alias>,
     pub https: Https,
     pub status: String,
-    pub secrets: Value,
+    /// Sealed at rest; `Debug` does not print it.
+    pub secrets: Secret<Value>,
     pub resources: Value,
     /// What a user may change besides the domains: the cron schedule override and the backup
     /// schedule with its retention.
@@ -88,8 +90,27 @@ pub struct ProjectRecord {
     pub branch: String,
     pub status: String,
     pub manifest: Option<Value>,
+    /// The key pair its fetches use (made when it is added, or on its first fetch).
+    pub deploy_key: Option<DeployKey>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// A project's own SSH key pair, for its repository alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeployKey {
+    /// `ssh-ed25519 BASE64 COMMENT`: what the repository's host is given.
+    pub public_key: String,
+    /// The OpenSSH private key file's text; sealed at rest.
+    pub private_key: Secret<String>,
+}
+
+/// A deploy key from its two columns (both or neither are set).
+pub(crate) fn deploy_key(public: Option<String>, private: Option<String>) -> Option<DeployKey> {
+    Some(DeployKey {
+        public_key: public?,
+        private_key: Secret::new(private?),
+    })
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -186,6 +186,14 @@ fn conflict_on_name(e: rusqlite::Error, what: &str) -> StoreError {
     }
 }
 
+/// The JSON path of a top-level key (a plain word: no quoting needed).
+fn json_path(key: &str) -> Result<String> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(StoreError::Corrupt(format!("{key:?} is not a state key")));
+    }
+    Ok(format!("$.{key}"))
+}
+
 fn parse_json(col: &str, text: &str) -> Result<Value> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
 }
@@ -240,7 +248,7 @@ fn environment_from_row(row: &Row) -> Result<EnvironmentRecord> {
         aliases: typed_json_col(row, "aliases")?,
         https: parse_enum(row, "https", Https::parse)?,
         status: row.get("status")?,
-        secrets: json_col(row, "secrets")?,
+        secrets: Secret::new(json_col(row, "secrets")?),
         resources: json_col(row, "resources")?,
         settings: json_col(row, "settings")?,
         created_at: row.get("created_at")?,
@@ -273,6 +281,10 @@ fn project_from_row(row: &Row) -> Result<ProjectRecord> {
         branch: row.get("branch")?,
         status: row.get("status")?,
         manifest: opt_json_col(row, "manifest")?,
+        deploy_key: deploy_key(
+            row.get("deploy_public_key")?,
+            row.get("deploy_private_key")?,
+        ),
         created_at: row.get("created_at")?,
         updated_at: row.get("updated_at")?,
     })
@@ -599,8 +611,9 @@ impl Store for SqliteStore {
         let p = p.clone();
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO projects (id, name, git_url, branch, status, manifest, created_at, updated_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO projects (id, name, git_url, branch, status, manifest, deploy_public_key,
+                    deploy_private_key, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )?
             .execute(params![
                 p.id,
@@ -609,6 +622,8 @@ impl Store for SqliteStore {
                 p.branch,
                 p.status,
                 p.manifest.as_ref().map(Value::to_string),
+                p.deploy_key.as_ref().map(|k| k.public_key.clone()),
+                p.deploy_key.as_ref().map(|k| k.private_key.expose().clone()),
                 p.created_at,
                 p.updated_at
             ])
@@ -651,11 +666,18 @@ impl Store for SqliteStore {
         let p = p.clone();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE projects SET status = ?, manifest = ?, updated_at = ? WHERE id = ?",
+                // A deploy key is never removed: a record read before it was made keeps it.
+                "UPDATE projects SET status = ?, manifest = ?,
+                    deploy_public_key = COALESCE(?, deploy_public_key),
+                    deploy_private_key = COALESCE(?, deploy_private_key), updated_at = ? WHERE id = ?",
             )?
             .execute(params![
                 p.status,
                 p.manifest.as_ref().map(Value::to_string),
+                p.deploy_key.as_ref().map(|k| k.public_key.clone()),
+                p.deploy_key
+                    .as_ref()
+                    .map(|k| k.private_key.expose().clone()),
                 p.updated_at,
                 p.id
             ])?;
@@ -792,7 +814,7 @@ impl Store for SqliteStore {
                 to_json(&e.aliases),
                 e.https.as_str(),
                 e.status,
-                e.secrets.to_string(),
+                e.secrets.expose().to_string(),
                 e.resources.to_string(),
                 e.settings.to_string(),
                 e.created_at,
@@ -870,7 +892,7 @@ impl Store for SqliteStore {
                     to_json(&e.aliases),
                     e.https.as_str(),
                     e.status,
-                    e.secrets.to_string(),
+                    e.secrets.expose().to_string(),
                     e.resources.to_string(),
                     e.settings.to_string(),
                     e.target_id,
@@ -1427,6 +1449,37 @@ impl Store for SqliteStore {
                 [key],
                 |r| Ok(r.get(0)?),
             )
+        })
+        .await
+    }
+
+    async fn remove_state_key(&self, id: &str, key: &str) -> Result<()> {
+        let (id, path) = (id.to_string(), json_path(key)?);
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE operations SET state = json_remove(state, ?) WHERE id = ?",
+            )?
+            .execute([path, id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn scrub(&self) -> Result<()> {
+        self.write(|conn| {
+            conn.execute_batch("VACUUM")?;
+            // Readers may hold the WAL a moment: try again until it is empty.
+            for _ in 0..100 {
+                let busy: i64 =
+                    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+                if busy == 0 {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(StoreError::Corrupt(
+                "the WAL could not be truncated after a VACUUM".into(),
+            ))
         })
         .await
     }

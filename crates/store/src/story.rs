@@ -1,6 +1,8 @@
 //! One storage story, written against the [`Store`] trait so that every backend runs it.
 
 use hefring_core::operation::{OperationKind, OperationStatus, SubjectType, TaskStatus};
+use std::sync::Arc;
+
 use serde_json::json;
 
 use crate::*;
@@ -370,6 +372,7 @@ pub async fn environments_unique_among_live(store: &dyn Store) {
                 branch: "main".into(),
                 status: "ready".into(),
                 manifest: None,
+                deploy_key: None,
                 created_at: 0,
                 updated_at: 0,
             })
@@ -389,7 +392,7 @@ pub async fn environments_unique_among_live(store: &dyn Store) {
         }],
         https: Https::Required,
         status: "new".into(),
-        secrets: json!({"db_password": "p"}),
+        secrets: Secret::new(json!({"db_password": "p"})),
         resources: json!({}),
         settings: json!({"cron": {"schedule": "*/5 * * * *"}}),
         created_at: 1,
@@ -806,6 +809,188 @@ pub async fn progress_recorded_together(store: &dyn Store) {
     assert_eq!(p6.tasks[0].status, TaskStatus::Succeeded);
 }
 
+/// Secrets at rest: rows written in plaintext (a database from before sealing) are sealed by
+/// the start-up pass, new writes are sealed, reads answer plaintext, a login link left in an
+/// operation's state is forgotten, and a rotation leaves nothing the old key opens.
+pub async fn secrets_sealed_at_rest(raw: Arc<dyn Store>) {
+    use crate::secrets::{Sealer, SecretKey, SEALED_PREFIX};
+    use hefring_core::render::Https;
+    // Before sealing: plaintext rows, as the previous version wrote them.
+    let mut target = TargetRecord {
+        id: "tgt_s".into(),
+        name: "sealed".into(),
+        kind: "server".into(),
+        status: "ready".into(),
+        host: "local".into(),
+        root: "/srv".into(),
+        http_port: 80,
+        https_port: 443,
+        web_user: "www-data".into(),
+        host_key: None,
+        inspection: None,
+        settings: Default::default(),
+        created_at: 0,
+        updated_at: 0,
+    };
+    target.settings.mariadb.password = Some(Secret::new("maria-pw-4711".into()));
+    target.settings.postgresql.password = Some(Secret::new("pg-pw-4712".into()));
+    raw.insert_target(&target).await.unwrap();
+    let project = ProjectRecord {
+        id: "prj_s".into(),
+        name: "sealed".into(),
+        git_url: "/srv/git".into(),
+        branch: "main".into(),
+        status: "ready".into(),
+        manifest: None,
+        deploy_key: Some(DeployKey {
+            public_key: "ssh-ed25519 AAAA public".into(),
+            private_key: Secret::new("PRIVATE-KEY-4713".into()),
+        }),
+        created_at: 0,
+        updated_at: 0,
+    };
+    raw.insert_project(&project).await.unwrap();
+    let env = EnvironmentRecord {
+        id: "env_s".into(),
+        name: "live".into(),
+        project_id: "prj_s".into(),
+        target_id: "tgt_s".into(),
+        release_id: None,
+        domain: "s.test".into(),
+        aliases: vec![],
+        https: Https::Off,
+        status: "new".into(),
+        secrets: Secret::new(json!({"db_password": "db-pw-4714"})),
+        resources: json!({}),
+        settings: json!({}),
+        created_at: 1,
+        updated_at: 1,
+    };
+    raw.insert_environment(&env).await.unwrap();
+    running(raw.as_ref(), "op_s", "prj_s", "w").await;
+    let link = TaskOutcome {
+        status: TaskStatus::Succeeded,
+        state_patch: Some(json!({"login_url": "https://s.test/login/4715", "kept": 1})),
+    };
+    raw.finish_task("op_s", "w", 0, &link, None, 20)
+        .await
+        .unwrap();
+
+    let everything = |store: Arc<dyn Store>| async move {
+        let t = store.get_target("tgt_s").await.unwrap().unwrap();
+        let p = store.get_project("prj_s").await.unwrap().unwrap();
+        let e = store.get_environment("env_s").await.unwrap().unwrap();
+        let o = store.get_operation("op_s").await.unwrap().unwrap();
+        (t, p, e, o)
+    };
+    let raw_text = |store: Arc<dyn Store>| async move {
+        let (t, p, e, o) = everything(store).await;
+        format!(
+            "{:?} {:?} {} {} {}",
+            t.settings.mariadb.password.map(|s| s.into_inner()),
+            t.settings.postgresql.password.map(|s| s.into_inner()),
+            p.deploy_key.unwrap().private_key.expose(),
+            e.secrets.expose(),
+            o.state
+        )
+    };
+
+    let first = Arc::new(Sealer::new(SecretKey::from_bytes([7; 32]), vec![]));
+    let sealed: Arc<dyn Store> =
+        Arc::new(SealedStore::new(raw.clone(), first.clone()).await.unwrap());
+    // Before the pass, plaintext rows read as they are.
+    assert_eq!(everything(sealed.clone()).await.0, target);
+    let report = SealedStore::new(raw.clone(), first.clone())
+        .await
+        .unwrap()
+        .seal_everything()
+        .await
+        .unwrap();
+    assert_eq!(
+        report,
+        SealReport {
+            resealed: 3,
+            forgotten: 1,
+            ran: true
+        }
+    );
+    let stored = raw_text(raw.clone()).await;
+    for plain in ["4711", "4712", "4713", "4714", "4715"] {
+        assert!(!stored.contains(plain), "{plain} in {stored}");
+    }
+    assert_eq!(stored.matches(SEALED_PREFIX).count(), 4, "{stored}");
+    let (t, p, e, o) = everything(sealed.clone()).await;
+    assert_eq!(t, target);
+    assert_eq!(p, project);
+    assert_eq!(e, env);
+    assert_eq!(
+        o.state,
+        json!({"kept": 1}),
+        "the old login link is forgotten"
+    );
+    // Nothing left to do: the next pass does not run.
+    let again = SealedStore::new(raw.clone(), first.clone()).await.unwrap();
+    assert!(!again.seal_everything().await.unwrap().ran);
+
+    // New writes are sealed; reads answer plaintext; a login link is removed once read.
+    let mut e2 = e.clone();
+    e2.secrets = Secret::new(json!({"db_password": "db-pw-4716"}));
+    sealed.update_environment(&e2).await.unwrap();
+    assert_eq!(sealed.get_environment("env_s").await.unwrap().unwrap(), e2);
+    let link = TaskOutcome {
+        status: TaskStatus::Succeeded,
+        state_patch: Some(json!({"login_url": "https://s.test/login/4717"})),
+    };
+    sealed
+        .finish_task("op_s", "w", 1, &link, None, 30)
+        .await
+        .unwrap();
+    let stored = raw_text(raw.clone()).await;
+    assert!(
+        !stored.contains("4716") && !stored.contains("4717"),
+        "{stored}"
+    );
+    let o = sealed.get_operation("op_s").await.unwrap().unwrap();
+    assert_eq!(o.state["login_url"], "https://s.test/login/4717");
+    sealed.remove_state_key("op_s", "login_url").await.unwrap();
+    let o = sealed.get_operation("op_s").await.unwrap().unwrap();
+    assert_eq!(o.state, json!({"kept": 1}));
+
+    // A rotation: sealed again with the new key, opened with either while it runs; after it,
+    // the old key alone opens nothing and is refused at connect.
+    let second_key = || SecretKey::from_bytes([9; 32]);
+    let rotating = Arc::new(Sealer::new(
+        second_key(),
+        vec![SecretKey::from_bytes([7; 32])],
+    ));
+    let store = SealedStore::new(raw.clone(), rotating.clone())
+        .await
+        .unwrap();
+    assert_eq!(store.seal_everything().await.unwrap().resealed, 3);
+    let stored = raw_text(raw.clone()).await;
+    assert_eq!(
+        stored
+            .matches(&format!("{SEALED_PREFIX}{}:", rotating.current_id()))
+            .count(),
+        4,
+        "{stored}"
+    );
+    assert!(!stored.contains(first.current_id()), "{stored}");
+    let after: Arc<dyn Store> = Arc::new(
+        SealedStore::new(raw.clone(), Arc::new(Sealer::new(second_key(), vec![])))
+            .await
+            .unwrap(),
+    );
+    let (t, p, e, _) = everything(after).await;
+    assert_eq!((t, p, e), (target, project, e2));
+    let err = SealedStore::new(raw.clone(), first)
+        .await
+        .err()
+        .expect("the old key is refused")
+        .to_string();
+    assert!(err.contains(rotating.current_id()), "{err}");
+}
+
 #[cfg(test)]
 mod sqlite {
     use super::*;
@@ -840,6 +1025,22 @@ mod sqlite {
         settings_compare_and_set,
         progress_recorded_together
     );
+
+    #[tokio::test]
+    async fn secrets_sealed_at_rest() {
+        let (dir, store) = fresh().await;
+        super::secrets_sealed_at_rest(Arc::new(store)).await;
+        // The pass scrubbed the files: no plaintext from before is left in any of them.
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            for plain in ["4711", "4712", "4713", "4714", "4715", "4716", "4717"] {
+                assert!(
+                    !bytes.windows(plain.len()).any(|w| w == plain.as_bytes()),
+                    "{plain} is left in the files"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -979,6 +1180,15 @@ mod postgres {
         settings_compare_and_set,
         progress_recorded_together
     );
+
+    #[tokio::test]
+    async fn secrets_sealed_at_rest() {
+        let (db, store) = fresh().await;
+        let store = Arc::new(store);
+        super::secrets_sealed_at_rest(store.clone()).await;
+        store.close().await;
+        drop(db);
+    }
 
     /// Operations `op_S_N` were claimed in the order of N for every subject S.
     fn assert_claimed_in_order<'a>(
@@ -1338,21 +1548,23 @@ mod postgres {
     #[tokio::test]
     async fn connect_chooses_by_scheme() {
         let db = TestDb::create().await;
-        let pg = crate::connect(&db.url()).await.unwrap();
+        let pg = crate::connect_unsealed(&db.url()).await.unwrap();
         pg.set_setting("k", "v").await.unwrap();
         assert_eq!(pg.get_setting("k").await.unwrap().as_deref(), Some("v"));
         drop(pg);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plain.db");
-        let lite = crate::connect(&path.to_string_lossy()).await.unwrap();
+        let lite = crate::connect_unsealed(&path.to_string_lossy())
+            .await
+            .unwrap();
         lite.set_setting("k", "1").await.unwrap();
         drop(lite);
         let url = format!("sqlite://{}", path.display());
-        let lite = crate::connect(&url).await.unwrap();
+        let lite = crate::connect_unsealed(&url).await.unwrap();
         assert_eq!(lite.get_setting("k").await.unwrap().as_deref(), Some("1"));
 
-        match crate::connect("mysql://root:secret@db/hefring").await {
+        match crate::connect_unsealed("mysql://root:secret@db/hefring").await {
             Err(StoreError::Unsupported(msg)) => {
                 assert!(msg.contains("\"mysql\""), "{msg}");
                 assert!(!msg.contains("secret"), "{msg}");

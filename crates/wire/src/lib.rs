@@ -154,8 +154,18 @@ pub struct Project {
     pub status: String,
     /// The manifest read by the last successful verify.
     pub manifest: Option<Value>,
+    /// The public half of the project's deploy key (`ssh-ed25519 ...`): give the
+    /// repository's host this key (read-only) and its fetches use it alone.
+    #[serde(default)]
+    pub deploy_key: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeployKey {
+    /// Add this line as a (read-only) deploy key of the project's repository.
+    pub public_key: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]

@@ -227,6 +227,8 @@ pub async fn login_link(
                     .as_str()
                     .ok_or_else(|| ApiError::Internal("the login link was not recorded".into()))?
                     .to_string();
+                // Answered once: it logs in whoever holds it, so it is not kept.
+                state.store.remove_state_key(&op.id, "login_url").await?;
                 return Ok(Json(LoginLink {
                     url,
                     operation: op.id,

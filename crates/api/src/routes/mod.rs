@@ -52,6 +52,7 @@ fn protected() -> OpenApiRouter<AppState> {
         .routes(routes!(projects::list, projects::create))
         .routes(routes!(projects::show))
         .routes(routes!(projects::verify))
+        .routes(routes!(projects::deploy_key))
         .routes(routes!(releases::build))
         .routes(routes!(releases::list))
         .routes(routes!(releases::show))

@@ -129,6 +129,61 @@ pub struct PoolConfig {
     pub max_children: u32,
     /// The environment's variables, in order (`HEFRING_*`, `DATABASE_URL`, `DB_*`, ...).
     pub env: Vec<(String, String)>,
+    /// What PHP may reach and use, when the pool runs as the environment's own user.
+    pub php: Option<PhpSettings>,
+}
+
+/// The confinement and limits of one environment's PHP, set as `php_admin_value` so that the
+/// site's code cannot raise them with `ini_set`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhpSettings {
+    /// The only directories PHP opens files in (`open_basedir`): the environment's releases,
+    /// files, database and temporary directories, and shared read-only libraries.
+    pub open_basedir: Vec<String>,
+    /// Uploads in flight, sessions and `sys_get_temp_dir()`: the environment's own.
+    pub temp_dir: String,
+    pub memory_mb: u32,
+    pub upload_mb: u32,
+    pub max_execution_seconds: u32,
+}
+
+impl PhpSettings {
+    /// Safe defaults for a site (the site owner's tools will make them settable).
+    pub fn defaults(open_basedir: Vec<String>, temp_dir: String) -> PhpSettings {
+        PhpSettings {
+            open_basedir,
+            temp_dir,
+            memory_mb: 256,
+            upload_mb: 64,
+            max_execution_seconds: 120,
+        }
+    }
+
+    fn check(&self) -> Result<(), RenderError> {
+        for (i, dir) in self.open_basedir.iter().enumerate() {
+            let field = format!("php.open_basedir[{i}]");
+            // A directory, written with its trailing '/' so that a sibling sharing its prefix
+            // (`files2` beside `files`) is not let in.
+            let Some(path) = dir.strip_suffix('/') else {
+                return Err(RenderError::new(field, "must end with '/'"));
+            };
+            check_path(&field, path)?;
+            if path.contains(':') {
+                return Err(RenderError::new(field, "must not contain ':'"));
+            }
+        }
+        check_path("php.temp_dir", &self.temp_dir)?;
+        for (field, value) in [
+            ("php.memory_mb", self.memory_mb),
+            ("php.upload_mb", self.upload_mb),
+            ("php.max_execution_seconds", self.max_execution_seconds),
+        ] {
+            if value == 0 || value > 65_536 {
+                return Err(RenderError::new(field, "must be between 1 and 65536"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl PoolConfig {
@@ -149,6 +204,9 @@ impl PoolConfig {
             ));
         }
         check_path("error_log", &self.error_log)?;
+        if let Some(php) = &self.php {
+            php.check()?;
+        }
         if self.max_children == 0 {
             return Err(RenderError::new("max_children", "must be at least 1"));
         }
@@ -349,6 +407,45 @@ pub fn pool(pool: &PoolConfig) -> Result<String, RenderError> {
         o,
         &format!("php_admin_value[error_log] = {}", quote(&pool.error_log)),
     );
+    if let Some(php) = &pool.php {
+        line(o, "");
+        line(
+            o,
+            "; The environment's own directories only, and limits the site cannot raise.",
+        );
+        line(
+            o,
+            &format!(
+                "php_admin_value[open_basedir] = {}",
+                quote(&php.open_basedir.join(":"))
+            ),
+        );
+        for key in ["upload_tmp_dir", "sys_temp_dir", "session.save_path"] {
+            line(
+                o,
+                &format!("php_admin_value[{key}] = {}", quote(&php.temp_dir)),
+            );
+        }
+        line(
+            o,
+            &format!("php_admin_value[memory_limit] = {}M", php.memory_mb),
+        );
+        line(
+            o,
+            &format!("php_admin_value[upload_max_filesize] = {}M", php.upload_mb),
+        );
+        line(
+            o,
+            &format!("php_admin_value[post_max_size] = {}M", php.upload_mb),
+        );
+        line(
+            o,
+            &format!(
+                "php_admin_value[max_execution_time] = {}",
+                php.max_execution_seconds
+            ),
+        );
+    }
     line(o, "");
     // Only the variables below reach PHP, not the master's environment.
     line(o, "clear_env = yes");
@@ -398,6 +495,14 @@ pub(crate) mod tests {
                 ),
                 ("DB_PASSWORD".into(), r#"a"b\c$d${HOME};#'e"#.into()),
             ],
+            php: Some(PhpSettings::defaults(
+                vec![
+                    format!("{ROOT}/environments/{ID}/releases/"),
+                    format!("{ROOT}/environments/{ID}/files/"),
+                    format!("{ROOT}/environments/{ID}/tmp/"),
+                ],
+                format!("{ROOT}/environments/{ID}/tmp"),
+            )),
         }
     }
 

@@ -185,6 +185,14 @@ pub struct SiteConfig {
     pub disabled_page: String,
     /// When set, every request but ACME challenges answers 503 with the disabled page.
     pub disabled: bool,
+    /// The URL prefixes (below the docroot, without a trailing `/`, for example
+    /// `/sites/default/files`) of the release's writable paths: the site writes there, so
+    /// nothing under them ever reaches PHP.
+    pub writable_locations: Vec<String>,
+    /// Set when the site's files belong to its own user: nginx then follows a link only when
+    /// the link and what it points to have the same owner, so a link the site planted to a
+    /// file it does not own is never served (`disable_symlinks if_not_owner`).
+    pub owner_checked_links: bool,
 }
 
 impl SiteConfig {
@@ -227,6 +235,18 @@ impl SiteConfig {
         check_path("log_dir", &self.log_dir)?;
         check_path("acme_dir", &self.acme_dir)?;
         check_path("disabled_page", &self.disabled_page)?;
+        for (i, location) in self.writable_locations.iter().enumerate() {
+            let field = format!("writable_locations[{i}]");
+            check_path(&field, location)?;
+            if !location.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+' | '@' | '/')
+            }) {
+                return Err(RenderError::new(
+                    field,
+                    "holds a character nginx would read as syntax or a pattern",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -537,6 +557,14 @@ fn server(out: &mut String, site: &SiteConfig, listener: Listener, names: &[&str
     if let Body::Site = body {
         line(out, 1, &format!("root {};", site.docroot));
         line(out, 1, "index index.php index.html;");
+        if site.owner_checked_links {
+            line(
+                out,
+                1,
+                "# A link is followed only to what its own owner owns (links the site planted).",
+            );
+            line(out, 1, "disable_symlinks if_not_owner from=$document_root;");
+        }
     }
     line(out, 1, "");
     line(out, 1, "location ^~ /.well-known/acme-challenge/ {");
@@ -570,6 +598,22 @@ fn server(out: &mut String, site: &SiteConfig, listener: Listener, names: &[&str
             line(out, 1, "location ~ /\\.(?!well-known/) {");
             line(out, 2, "deny all;");
             line(out, 1, "}");
+            for location in &site.writable_locations {
+                line(
+                    out,
+                    1,
+                    "# Written by the site: served as files, never run as PHP.",
+                );
+                line(out, 1, &format!("location ^~ {location}/ {{"));
+                line(out, 2, "location ~ /\\. {");
+                line(out, 3, "deny all;");
+                line(out, 2, "}");
+                line(out, 2, "location ~ \\.(php|phar|phtml)(/|$) {");
+                line(out, 3, "return 403;");
+                line(out, 2, "}");
+                line(out, 2, "try_files $uri $uri/ /index.php?$query_string;");
+                line(out, 1, "}");
+            }
             line(out, 1, "location / {");
             line(out, 2, "try_files $uri $uri/ /index.php?$query_string;");
             line(out, 1, "}");
@@ -686,6 +730,8 @@ pub(crate) mod tests {
             acme_dir: nginx.acme_dir(),
             disabled_page: nginx.disabled_page_file(ID),
             disabled: false,
+            writable_locations: vec!["/sites/default/files".into()],
+            owner_checked_links: true,
         }
     }
 

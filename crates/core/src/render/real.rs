@@ -248,6 +248,8 @@ impl Target {
             acme_dir: self.nginx.acme_dir(),
             disabled_page: self.nginx.disabled_page_file(&id),
             disabled: false,
+            writable_locations: Vec::new(),
+            owner_checked_links: false,
         };
         (id, site)
     }
@@ -272,6 +274,7 @@ impl Target {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            php: None,
         };
         write(self.fpm.pool_file(&site.id), &fpm::pool(&pool).unwrap());
     }

@@ -224,7 +224,10 @@ async fn dump_into(
         return Ok(None);
     };
     let file = backup::dump_file(access.kind);
-    let path = format!("{stage}/{file}");
+    let path = match access.kind {
+        DatabaseKind::Sqlite => format!("{}/{file}", site_stage(stage)),
+        _ => format!("{stage}/{file}"),
+    };
     let (facts, tail, catalog) = match access.kind {
         DatabaseKind::Mariadb => {
             let mut count = mariadb_admin(site);
@@ -254,9 +257,10 @@ async fn dump_into(
             (facts, tail, catalog.trim().parse::<u64>().ok())
         }
         DatabaseKind::Sqlite => {
+            // The site's own file, read by the site's own user: a link it planted in its
+            // database directory leads nowhere it could not read already.
             let out = site
-                .server
-                .sh_output(
+                .site_sh(
                     "copying the SQLite database",
                     &with_digest(SQLITE_DUMP),
                     &[&access.path, &path],
@@ -326,19 +330,32 @@ fn stage_of(site: &Site<'_>, backup: &str) -> (String, String) {
     (stage, archive)
 }
 
-/// A clean working directory, owned by the web user (who reads it into the archive).
+/// A clean working directory of root's, readable by the environment's group, with a
+/// `site/` directory inside that the environment's user owns: what root makes (the dump of a
+/// database server, the manifest) goes into the first, what the site's user makes (the files'
+/// listing, the SQLite copy) into the second, and the site's user packs both. Root never
+/// writes where the site could have planted a link.
 async fn fresh_stage(site: &Site<'_>, stage: &str) -> Result<(), TaskError> {
+    let (owner, group) = match site.account() {
+        Some((user, group)) => (format!("{user}:{group}"), group),
+        None => (String::new(), String::new()),
+    };
     site.server
         .sh(
             "preparing the backup directory",
-            r#"set -e; mkdir -p "$1"; chmod 711 "$1"; rm -rf "$2" "$2.tar.zst"; mkdir -m 700 "$2"; if [ -n "$3" ]; then chown "$3" "$2"; fi"#,
-            &[
-                &site.layout().backups_dir(),
-                stage,
-                &site.server.web_owner().unwrap_or_default(),
-            ],
+            r#"set -e; dir=$1; stage=$2; owner=$3; group=$4
+mkdir -p "$dir"; chmod 711 "$dir"
+rm -rf "$stage" "$stage.tar.zst"
+mkdir -m 700 "$stage" "$stage/site"
+if [ -n "$owner" ]; then chown -h "root:$group" "$stage"; chmod 750 "$stage"; chown -h "$owner" "$stage/site"; fi"#,
+            &[&site.layout().backups_dir(), stage, &owner, &group],
         )
         .await
+}
+
+/// Where the site's user writes inside a backup's stage.
+fn site_stage(stage: &str) -> String {
+    format!("{stage}/site")
 }
 
 /// The SHA-256 of every persistent file, listed into the stage (read as the web user; a file
@@ -349,7 +366,7 @@ async fn hash_files(
     parts: Parts,
 ) -> Result<Option<FilesPart>, TaskError> {
     let files_dir = site.layout().files_dir(site.id());
-    let listing = format!("{stage}/{}", backup::FILES_LISTING);
+    let listing = format!("{}/{}", site_stage(stage), backup::FILES_LISTING);
     let has_files = parts.files
         && site
             .server
@@ -362,7 +379,7 @@ async fn hash_files(
             .trim()
             == "yes";
     let files = if has_files {
-        let spec = site.server.as_web_user(crate::tasks::server::script_spec(
+        let spec = site.as_site_user(crate::tasks::server::script_spec(
             &with_digest(HASH_FILES),
             &[&files_dir, &listing],
         ));
@@ -423,15 +440,18 @@ async fn pack_step(
 ) -> Result<(BackupManifest, u64), TaskError> {
     let (stage, archive) = stage_of(site, &backup.id);
     let layout = site.layout();
-    let owner = site.server.web_owner();
-    if let Some(owner) = &owner {
-        site.server
-            .sh(
-                "handing the dump to the web user",
-                r#"chown -R "$1" "$2""#,
-                &[owner, &stage],
-            )
-            .await?;
+    let group = site.account().map(|(_, g)| g);
+    if let (Some(group), Some(part)) = (&group, &database) {
+        if part.kind != DatabaseKind::Sqlite {
+            // Root's dump, in root's stage: the site's user reads it into the archive.
+            site.server
+                .sh(
+                    "letting the site's user read the dump",
+                    r#"set -e; chgrp "$1" "$2"; chmod 640 "$2""#,
+                    &[group, &format!("{stage}/{}", part.file)],
+                )
+                .await?;
+        }
     }
     let release = site.env.release_id.clone();
     let commit = match &release {
@@ -470,8 +490,8 @@ async fn pack_step(
         .write_file(
             &format!("{stage}/{}", backup::MANIFEST_FILE),
             &manifest_json,
-            "600",
-            owner.as_deref(),
+            if group.is_some() { "640" } else { "600" },
+            group.map(|g| format!("root:{g}")).as_deref(),
         )
         .await?;
     let mut tar = vec![
@@ -483,7 +503,16 @@ async fn pack_step(
         stage.clone(),
         backup::MANIFEST_FILE.into(),
     ];
-    if let Some(part) = &manifest.database {
+    match &manifest.database {
+        Some(part) if part.kind != DatabaseKind::Sqlite => tar.push(part.file.clone()),
+        _ => {}
+    }
+    tar.extend(["-C".into(), site_stage(&stage)]);
+    if let Some(part) = manifest
+        .database
+        .as_ref()
+        .filter(|p| p.kind == DatabaseKind::Sqlite)
+    {
         tar.push(part.file.clone());
     }
     if manifest.files.is_some() {
@@ -494,7 +523,7 @@ async fn pack_step(
             backup::FILES_DIR.into(),
         ]);
     }
-    let tar = site.server.as_web_user(CommandSpec::new(tar));
+    let tar = site.as_site_user(CommandSpec::new(tar));
     let mut args = vec![archive.clone(), ZSTD_LEVEL.to_string()];
     args.extend(tar.argv);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -888,30 +917,34 @@ pub async fn take_safety_backup(t: &TaskContext<'_>) -> TaskResult {
     Ok(TaskOutput::with_state(patch))
 }
 
+/// Where the environment's user unpacks the backup being restored: a directory of its own,
+/// inside the environment's directory (root's).
 fn restore_dir(site: &Site<'_>, t: &TaskContext<'_>) -> String {
     let tail = t.op.id.rsplit('_').next().unwrap_or(&t.op.id);
-    site.layout().backup_work_dir(&format!("restore-{tail}"))
+    site.layout().restore_dir(site.id(), tail)
 }
 
-/// Unpacks and checks an archive: its own SHA-256, then the dump's and the files'.
+/// Where the archive being restored waits, root's, beside the backups' stages.
+fn restore_archive(site: &Site<'_>, t: &TaskContext<'_>) -> String {
+    let tail = t.op.id.rsplit('_').next().unwrap_or(&t.op.id);
+    format!(
+        "{}.tar.zst",
+        site.layout().backup_work_dir(&format!("restore-{tail}"))
+    )
+}
+
+/// Unpacks an archive (already checked: its SHA-256, and only a manifest, a dump and files
+/// that stay inside) as the environment's user into its own directory, then takes the dump's
+/// and the files' SHA-256.
 const UNPACK: &str = r#"set -e
-umask 077
+umask 027
 export LC_ALL=C
 archive=$1; work=$2
 DIGEST
-rm -rf "$work"; mkdir -p "$work"; chmod 700 "$work"
-# The archive's SHA-256 is taken as it is read for unpacking (through a fifo), not by reading
-# it twice.
-mkfifo "$work/.archive.fifo"
-{ if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r; else sha256sum; fi; } < "$work/.archive.fifo" | cut -d' ' -f1 > "$work/.archive.sum" &
-tee "$work/.archive.fifo" < "$archive" \
-  | { zstd -q -d -c || echo zstd > "$work/.failed"; } \
-  | { tar -x --no-same-owner -f - -C "$work" || echo tar > "$work/.failed"; }
-wait
-echo "archive $(cat "$work/.archive.sum")"
-rm -f "$work/.archive.fifo" "$work/.archive.sum" "$archive"
-# Unpacking failed: the digest above says whether the archive is damaged.
-if [ -f "$work/.failed" ]; then echo "unpacked no"; exit 0; fi
+# The files keep the modes they had (nginx reads them through the environment's group).
+if ! { zstd -q -d -c "$archive" | tar -x --no-same-owner --same-permissions -f - -C "$work"; }; then
+  echo "unpacked no"; exit 0
+fi
 # The dump's digest and the files' listing side by side, on two cores.
 for f in database.sql database.sqlite; do
   if [ -f "$work/$f" ]; then (digest "$work/$f" | cut -d' ' -f1 > "$work/.database.sum") & fi
@@ -926,7 +959,42 @@ echo tail
 cat "$work/manifest.json"
 "#;
 
-/// Brings the backup to restore onto the target, unpacks it and checks every SHA-256.
+/// Reads an archive on this machine once: its SHA-256, and its entries checked against what a
+/// backup may hold ([`hefring_core::archive::check_backup`]). Answers the SHA-256 of the whole
+/// file, and whether its entries passed.
+fn check_archive(path: &std::path::Path) -> Result<(String, Result<(), TaskError>), TaskError> {
+    use sha2::{Digest, Sha256};
+    struct Hashing<R> {
+        inner: R,
+        hash: Sha256,
+    }
+    impl<R: std::io::Read> std::io::Read for Hashing<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.hash.update(&buf[..n]);
+            Ok(n)
+        }
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|e| TaskError(format!("cannot open the archive {}: {e}", path.display())))?;
+    let mut hashing = Hashing {
+        inner: std::io::BufReader::new(file),
+        hash: Sha256::new(),
+    };
+    let checked = (|| {
+        let decoder = zstd::Decoder::new(&mut hashing)
+            .map_err(|e| TaskError(format!("the archive cannot be read: {e}")))?;
+        let entries = super::environment::archive_entries(decoder)?;
+        hefring_core::archive::check_backup(&entries)
+            .map_err(|e| TaskError(format!("the archive is refused: {e}")))
+    })();
+    // The digest covers the whole file, whatever the entries said.
+    std::io::copy(&mut hashing, &mut std::io::sink())?;
+    Ok((hex::encode(hashing.hash.finalize()), checked))
+}
+
+/// Brings the backup to restore onto the target, checks its SHA-256 and its entries before
+/// anything is unpacked, unpacks it as the environment's user and checks every SHA-256.
 pub async fn fetch_backup(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let id = t.state["restore_from"]
@@ -938,43 +1006,73 @@ pub async fn fetch_backup(t: &TaskContext<'_>) -> TaskResult {
         return Err(TaskError(format!("backup {id} is {}", record.status)));
     }
     let work = restore_dir(&site, t);
-    let archive = format!("{work}.tar.zst");
+    let archive = restore_archive(&site, t);
     site.server
         .mkdirs(std::slice::from_ref(&site.layout().backups_dir()), "711")
         .await?;
     let store = &t.ctx.backups;
-    if site.server.exec.is_local() {
-        store
-            .get_to_file(&record.object_key, std::path::Path::new(&archive))
-            .await
-            .map_err(|e| TaskError(format!("fetching the archive: {e}")))?;
+    let local = if site.server.exec.is_local() {
+        std::path::PathBuf::from(&archive)
     } else {
-        let local = scratch_file(t, &format!("{id}.tar.zst"))?;
-        store
-            .get_to_file(&record.object_key, &local)
+        scratch_file(t, &format!("{id}.tar.zst"))?
+    };
+    store
+        .get_to_file(&record.object_key, &local)
+        .await
+        .map_err(|e| TaskError(format!("fetching the archive: {e}")))?;
+    let checked = {
+        let local = local.clone();
+        tokio::task::spawn_blocking(move || check_archive(&local))
             .await
-            .map_err(|e| TaskError(format!("fetching the archive: {e}")))?;
+            .map_err(|e| TaskError(format!("checking the archive: {e}")))?
+    };
+    // A damaged archive is said to be damaged first, whatever its entries look like.
+    let checked = checked.and_then(|(sha256, entries)| {
+        if record.sha256.as_deref() != Some(sha256.as_str()) {
+            return Err(TaskError::new(
+                "the archive does not match its SHA-256: the backup is damaged",
+            ));
+        }
+        entries
+    });
+    if let Err(e) = checked {
+        let _ = std::fs::remove_file(&local);
+        return Err(e);
+    }
+    if !site.server.exec.is_local() {
         let sent = site.server.exec.upload(&local, &archive).await;
         let _ = std::fs::remove_file(&local);
         sent?;
     }
+    // Root's archive, readable by the environment's group; a directory of the environment's
+    // user to unpack into (made fresh by root inside root's environment directory).
+    let (owner, group) = match site.account() {
+        Some((user, group)) => (format!("{user}:{group}"), group),
+        None => (String::new(), String::new()),
+    };
+    site.server
+        .sh(
+            "preparing the restore",
+            r#"set -e; archive=$1; work=$2; owner=$3; group=$4
+rm -rf "$work"; mkdir -m 700 "$work"
+if [ -n "$owner" ]; then chown -h "$owner" "$work"; chgrp "$group" "$archive"; chmod 640 "$archive"; fi"#,
+            &[&archive, &work, &owner, &group],
+        )
+        .await?;
     let out = site
-        .server
-        .sh_output(
+        .site_sh(
             "unpacking the archive",
             &with_digest(UNPACK),
             &[&archive, &work],
         )
         .await?;
+    site.server.remove(std::slice::from_ref(&archive)).await?;
     let (facts, manifest_text) = facts_of(&out);
     let mismatch = |what: &str| {
         TaskError(format!(
             "the archive's {what} does not match its SHA-256: the backup is damaged"
         ))
     };
-    if record.sha256.as_deref() != facts.get("archive").map(String::as_str) {
-        return Err(mismatch("archive"));
-    }
     if facts.get("unpacked").map(String::as_str) == Some("no") {
         return Err(TaskError::new(
             "the archive could not be unpacked (see the log), though its SHA-256 is right",
@@ -1065,23 +1163,17 @@ pub async fn restore_database(t: &TaskContext<'_>) -> TaskResult {
             require_success(site.server.run(&spec).await?, "loading the dump")?;
         }
         DatabaseKind::Sqlite => {
-            site.server
-                .sh(
-                    "putting the database in place",
-                    r#"set -e
-dump=$1; db=$2; owner=$3
-mkdir -p "$(dirname "$db")"
+            // By the site's user, from its unpacked copy into its own database directory.
+            site.site_sh(
+                "putting the database in place",
+                r#"set -e
+dump=$1; db=$2
 cp "$dump" "$db.restoring"
-if [ -n "$owner" ]; then chown "$owner" "$db.restoring"; fi
 rm -f "$db-wal" "$db-shm" "$db-journal"
 mv -f "$db.restoring" "$db""#,
-                    &[
-                        &dump,
-                        &access.path,
-                        &site.server.web_owner().unwrap_or_default(),
-                    ],
-                )
-                .await?;
+                &[&dump, &access.path],
+            )
+            .await?;
         }
         DatabaseKind::None => {}
     }
@@ -1092,15 +1184,23 @@ mv -f "$db.restoring" "$db""#,
     Ok(TaskOutput::done())
 }
 
-/// Puts the unpacked files in place of the persistent directory (a rename, so the site sees
-/// the old tree or the new one), then removes the working directory.
+/// Puts the unpacked files (made by the environment's user) in place of the persistent
+/// directory by renames inside the environment's directory, which root owns, so the site sees
+/// the old tree or the new one. What lands there must be a directory, not a link the site
+/// put in its unpacking directory: checked after the rename, when the site can no longer
+/// change it, and undone if not.
 const SWAP_FILES: &str = r#"set -e
-new=$1; files=$2; owner=$3
-if [ -d "$new" ]; then
-  if [ -n "$owner" ]; then chown -R "$owner" "$new"; fi
+new=$1; files=$2
+if [ -d "$new" ] && [ ! -L "$new" ]; then
   rm -rf "$files.old"
-  if [ -e "$files" ]; then mv "$files" "$files.old"; fi
+  if [ -e "$files" ] || [ -L "$files" ]; then mv "$files" "$files.old"; fi
   mv "$new" "$files"
+  if [ -L "$files" ] || [ ! -d "$files" ]; then
+    rm -f "$files"
+    if [ -e "$files.old" ]; then mv "$files.old" "$files"; fi
+    echo "the unpacked files are not a directory" >&2
+    exit 1
+  fi
 fi
 rm -rf "$files.old"
 "#;
@@ -1127,11 +1227,7 @@ pub async fn restore_files(t: &TaskContext<'_>) -> TaskResult {
             .sh(
                 "putting the files in place",
                 SWAP_FILES,
-                &[
-                    &format!("{work}/{}", backup::FILES_DIR),
-                    &files,
-                    &site.server.web_owner().unwrap_or_default(),
-                ],
+                &[&format!("{work}/{}", backup::FILES_DIR), &files],
             )
             .await?;
         t.log.info(format!(
@@ -1149,5 +1245,5 @@ pub async fn restore_files(t: &TaskContext<'_>) -> TaskResult {
 pub async fn clean_up_restore(t: &TaskContext<'_>) -> Result<(), TaskError> {
     let site = Site::open(t).await?;
     let work = restore_dir(&site, t);
-    site.server.remove(&[format!("{work}.tar.zst"), work]).await
+    site.server.remove(&[restore_archive(&site, t), work]).await
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use hefring_backend_server::{CommandSpec, LocalCa};
 use hefring_core::environment::{self, DatabaseAccess, EnvironmentFacts, Layout};
 use hefring_core::manifest::{Command, DatabaseKind, Manifest, MANIFEST_FILE};
-use hefring_core::render::fpm::{self, PoolConfig};
+use hefring_core::render::fpm::{self, PhpSettings, PoolConfig};
 use hefring_core::render::nginx::{self, SiteConfig, Tls};
 use hefring_core::render::Https;
 use hefring_store::{EnvironmentRecord, ReleaseRecord, TargetRecord};
@@ -130,6 +130,85 @@ impl<'a> Site<'a> {
         &self.server.layout
     }
 
+    /// The environment's own Unix user, when it has one (recorded before it was made).
+    pub(super) fn own_user(&self) -> Option<&str> {
+        self.env.resources["user"]["name"].as_str()
+    }
+
+    /// The account the environment's PHP, commands and files belong to: its own user (and
+    /// group of the same name); for an environment deployed before isolation, until it is
+    /// isolated, the target's web user; nobody in particular where Hefring is not root.
+    pub(super) fn account(&self) -> Option<(String, String)> {
+        if !self.server.is_root {
+            return None;
+        }
+        match self.own_user() {
+            Some(user) => Some((user.to_string(), user.to_string())),
+            None => match (
+                &self.server.accounts.web_user,
+                &self.server.accounts.web_group,
+            ) {
+                (Some(u), Some(g)) => Some((u.clone(), g.clone())),
+                _ => None,
+            },
+        }
+    }
+
+    /// Whether the environment runs as its own user.
+    pub(super) fn isolated(&self) -> bool {
+        self.server.is_root && self.own_user().is_some()
+    }
+
+    /// `user:group` of the environment's account.
+    pub(super) fn owner(&self) -> Option<String> {
+        self.account().map(|(u, g)| format!("{u}:{g}"))
+    }
+
+    /// Runs a command as the environment's account (when Hefring is root): its project's
+    /// commands, and every step that reads or writes what the site can change.
+    pub(super) fn as_site_user(&self, mut spec: CommandSpec) -> CommandSpec {
+        if let Some((user, _)) = self.account() {
+            let mut argv = vec!["runuser".to_string(), "-u".into(), user, "--".into()];
+            argv.append(&mut spec.argv);
+            spec.argv = argv;
+        }
+        spec
+    }
+
+    /// A fixed script run as the environment's account.
+    pub(super) async fn site_sh(
+        &self,
+        what: &str,
+        script: &str,
+        args: &[&str],
+    ) -> Result<String, TaskError> {
+        let spec = self.as_site_user(super::server::script_spec(script, args));
+        let (code, out) =
+            crate::run::run_captured(self.server.exec.as_ref(), &spec, self.server.log).await?;
+        match code {
+            Some(0) => Ok(out),
+            other => Err(TaskError(format!(
+                "{what} failed (exit status {})",
+                other.map_or("none".into(), |c| c.to_string())
+            ))),
+        }
+    }
+
+    /// The URL prefixes of the manifest's writable paths below its docroot.
+    fn writable_locations(manifest: &Manifest) -> Vec<String> {
+        manifest
+            .writable
+            .iter()
+            .filter_map(|path| match manifest.docroot.as_str() {
+                "." => Some(format!("/{path}")),
+                docroot => path
+                    .strip_prefix(docroot)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .map(|rest| format!("/{rest}")),
+            })
+            .collect()
+    }
+
     pub(super) fn id(&self) -> &str {
         &self.env.id
     }
@@ -148,7 +227,9 @@ impl<'a> Site<'a> {
     pub(super) fn database(&self, manifest: &Manifest) -> Option<DatabaseAccess> {
         let settings = &self.server.target.settings;
         let name = environment::database_name(self.id());
-        let password = self.env.secrets["db_password"].as_str().unwrap_or_default();
+        let password = self.env.secrets.expose()["db_password"]
+            .as_str()
+            .unwrap_or_default();
         let access = |kind, host: String, port| DatabaseAccess {
             kind,
             host,
@@ -232,6 +313,8 @@ impl<'a> Site<'a> {
             acme_dir: nginx_instance.acme_dir(),
             disabled_page: nginx_instance.disabled_page_file(self.id()),
             disabled: self.env.status == "disabled",
+            writable_locations: Site::writable_locations(manifest),
+            owner_checked_links: self.isolated(),
         };
         let mut text = nginx::server_blocks(&site).map_err(|e| TaskError(e.to_string()))?;
         let preview_site = SiteConfig {
@@ -485,8 +568,9 @@ pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
         ));
         site.server.exec.upload(&local_artifact, &remote).await?;
     }
+    ensure_account(t, &mut site).await?;
     if let Some(user) = &site.server.accounts.web_user {
-        // Everything the sites read lies below the root: their user must be able to reach it.
+        // Everything the sites read lies below the root: nginx's workers must reach it.
         let code = site
             .server
             .run(&CommandSpec::new([
@@ -517,6 +601,131 @@ pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
     Ok(TaskOutput::with_state(patch))
 }
 
+/// Gives a new environment its own Unix user (recorded on the environment before it is made,
+/// so a retry makes the same one and a delete removes it), or makes sure the user it has
+/// exists on this target (a migration's new target). An update leaves it alone: moving an
+/// environment deployed before isolation to its own user is the `environment_isolate`
+/// operation's work. Where Hefring is not root, the target's `isolation` setting decides
+/// whether the deploy may go on with every site as Hefring's own user.
+async fn ensure_account(t: &TaskContext<'_>, site: &mut Site<'_>) -> Result<(), TaskError> {
+    use hefring_core::operation::OperationKind as K;
+    use hefring_core::target::Isolation;
+    if !site.server.is_root {
+        return match site.server.target.settings.isolation {
+            Isolation::Required => Err(TaskError(format!(
+                "Hefring is not root on {} ({}), so it cannot give each environment its own user: \
+                 isolation is impossible there. Run Hefring as root, or set the target's isolation \
+                 to optional to run every site as Hefring's own user (never for hosting)",
+                site.server.target.name, site.server.target.host
+            ))),
+            Isolation::Optional => {
+                t.log.info(
+                    "Hefring is not root here: the site runs as Hefring's own user, not isolated (isolation: optional)",
+                );
+                Ok(())
+            }
+        };
+    }
+    let new_environment = matches!(t.op.kind, K::EnvironmentDeploy | K::EnvironmentClone);
+    // Test builds can deploy as Hefring did before isolation, to prove the upgrade.
+    #[cfg(feature = "fault-injection")]
+    if std::env::var_os("HEFRING_FAULT_SHARED_WEB_USER").is_some() {
+        return Ok(());
+    }
+    if site.own_user().is_none() {
+        if !new_environment {
+            return Ok(());
+        }
+        let name = hefring_core::isolation::environment_user(site.id());
+        site.env.resources["user"] = json!({ "name": name });
+        save_env(t, &mut site.env).await?;
+    } else if t.op.kind == K::EnvironmentUpdate {
+        return Ok(());
+    }
+    let name = site.own_user().unwrap_or_default().to_string();
+    let home = site.layout().tmp_dir(site.id());
+    let uid = site.server.ensure_user(&name, &home).await?;
+    t.log.info(format!(
+        "the environment runs as its own user {name} (uid {uid})"
+    ));
+    Ok(())
+}
+
+/// `environment_isolate`, first step: the environment gets its own user (recorded before it
+/// is made); the served release's manifest goes into the operation's state for the steps
+/// that rewrite its pool and server blocks.
+pub async fn create_user(t: &TaskContext<'_>) -> TaskResult {
+    let mut site = Site::open(t).await?;
+    if !site.server.is_root {
+        return Err(TaskError(format!(
+            "Hefring is not root on {}: the environment cannot have its own user",
+            site.server.target.name
+        )));
+    }
+    let (release, manifest) = served_release(t, &site.env).await?;
+    if site.own_user().is_none() {
+        let name = hefring_core::isolation::environment_user(site.id());
+        site.env.resources["user"] = json!({ "name": name });
+        save_env(t, &mut site.env).await?;
+    }
+    let name = site.own_user().unwrap_or_default().to_string();
+    let uid = site
+        .server
+        .ensure_user(&name, &site.layout().tmp_dir(site.id()))
+        .await?;
+    t.log
+        .info(format!("the environment's own user: {name} (uid {uid})"));
+    Ok(TaskOutput::with_state(json!({
+        "manifest": manifest,
+        "release_id": release.id,
+    })))
+}
+
+/// Hands what an environment deployed before isolation made over to its own user: the
+/// environment's and releases' directories become root's with the environment's group, its
+/// files, database and temporary directories (and the links to them) its user's. `chown -hR`
+/// changes links themselves and never follows one into another tree.
+const HAND_OVER: &str = r#"set -e
+env=$1; user=$2; shift 2
+for d in "$env" "$env/releases"; do [ -L "$d" ] && { echo "$d is a link" >&2; exit 1; }; chown -h "root:$user" "$d"; chmod 750 "$d"; done
+for d in "$env/releases"/*; do
+  [ -d "$d" ] && [ ! -L "$d" ] || continue
+  chgrp -hR "$user" "$d"; chmod -R o-rwx,go-w "$d"
+  find "$d" -type l -lname "$env/files/*" -exec chown -h "$user:$user" {} +
+done
+for d in files database tmp; do
+  [ -L "$env/$d" ] && { echo "$env/$d is a link" >&2; exit 1; }
+  mkdir -p "$env/$d"
+  chown -hR "$user:$user" "$env/$d"
+done
+chmod 750 "$env/files" "$env/database"; chmod 700 "$env/tmp"
+if [ -d "$env/dumps" ]; then chown -hR "root:$user" "$env/dumps"; chmod 750 "$env/dumps"; fi
+"#;
+
+pub async fn hand_over_files(t: &TaskContext<'_>) -> TaskResult {
+    let site = Site::open(t).await?;
+    let user = site
+        .own_user()
+        .ok_or_else(|| TaskError::new("the environment has no user yet (create_user)"))?
+        .to_string();
+    site.server
+        .mkdirs(
+            std::slice::from_ref(&site.layout().environments_dir()),
+            "711",
+        )
+        .await?;
+    site.server
+        .sh(
+            "handing the files to the environment's user",
+            HAND_OVER,
+            &[&site.layout().environment_dir(site.id()), &user],
+        )
+        .await?;
+    t.log
+        .info(format!("files, database and releases now belong to {user}"));
+    Ok(TaskOutput::done())
+}
+
 pub(super) fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
     let admin = &site.server.target.settings.mariadb;
     let mut argv = vec![tool(&site.server.target, "mariadb")];
@@ -532,7 +741,7 @@ pub(super) fn mariadb_admin(site: &Site<'_>) -> CommandSpec {
     argv.extend([format!("--user={}", admin.user), "--batch".into()]);
     let mut spec = CommandSpec::new(argv);
     if let Some(password) = &admin.password {
-        spec = spec.env("MYSQL_PWD", password);
+        spec = spec.env("MYSQL_PWD", password.expose());
     }
     spec
 }
@@ -556,7 +765,7 @@ pub(super) fn psql_admin_on(site: &Site<'_>, database: &str) -> CommandSpec {
         format!("--dbname={database}"),
     ]);
     if let Some(password) = &admin.password {
-        spec = spec.env("PGPASSWORD", password);
+        spec = spec.env("PGPASSWORD", password.expose());
     }
     spec
 }
@@ -583,7 +792,7 @@ pub(super) fn dump_command(site: &Site<'_>, access: &DatabaseAccess, path: &str)
                 access.name.clone(),
             ]);
             if let Some(password) = &admin.password {
-                spec = spec.env("PGPASSWORD", password);
+                spec = spec.env("PGPASSWORD", password.expose());
             }
             spec
         }
@@ -605,35 +814,56 @@ pub(super) fn dump_command(site: &Site<'_>, access: &DatabaseAccess, path: &str)
     }
 }
 
-/// The command that loads a dump made by [`dump_command`] into the environment's database.
-/// PostgreSQL loads as the environment's role, so that it owns what the dump creates, as it
-/// owned what was dumped.
+/// The command that loads a dump made by [`dump_command`] into the environment's database,
+/// as the environment's own database user and Unix user: a dump holds what the site put in
+/// its database, so it runs with the site's rights, never the admin's (no `GRANT`, no other
+/// database, no `\!` shell escape as root). It owns what the dump creates, as it owned what
+/// was dumped. The site's user opens the dump file, which must be readable to it.
 pub(super) fn load_command(site: &Site<'_>, access: &DatabaseAccess, dump: &str) -> CommandSpec {
-    match access.kind {
-        DatabaseKind::Postgresql => {
-            let mut spec = psql_admin_on(site, &access.name);
-            spec.argv.extend([
-                format!("--command=SET ROLE {}", access.name),
-                format!("--file={dump}"),
-            ]);
-            spec
-        }
+    let target = &site.server.target;
+    let spec = match access.kind {
+        DatabaseKind::Postgresql => CommandSpec::new([
+            tool(target, "psql"),
+            "-X".into(),
+            "-q".into(),
+            "-v".into(),
+            "ON_ERROR_STOP=1".into(),
+            format!("--host={}", access.host),
+            format!("--port={}", access.port),
+            format!("--username={}", access.user),
+            format!("--dbname={}", access.name),
+            format!("--file={dump}"),
+        ])
+        .env("PGPASSWORD", &access.password),
         _ => {
-            let mut spec = mariadb_admin(site);
-            spec.argv.push(access.name.clone());
-            // The dump is the input; through a shell so that it streams from the file.
+            let admin = &target.settings.mariadb;
             let mut argv = vec![
                 "sh".to_string(),
                 "-c".into(),
+                // The dump is the input; through a shell so that it streams from the file.
                 r#"f=$1; shift; exec "$@" < "$f""#.into(),
                 "sh".into(),
                 dump.to_string(),
+                tool(target, "mariadb"),
             ];
-            argv.append(&mut spec.argv);
-            spec.argv = argv;
-            spec
+            match (&admin.socket, &admin.host) {
+                (Some(socket), _) => {
+                    argv.extend(["--protocol=socket".into(), format!("--socket={socket}")])
+                }
+                (None, Some(host)) => {
+                    argv.extend([format!("--host={host}"), format!("--port={}", admin.port)])
+                }
+                (None, None) => {}
+            }
+            argv.extend([
+                format!("--user={}", access.user),
+                "--batch".into(),
+                access.name.clone(),
+            ]);
+            CommandSpec::new(argv).env("MYSQL_PWD", &access.password)
         }
-    }
+    };
+    site.as_site_user(spec)
 }
 
 pub(super) async fn run_sql(
@@ -661,8 +891,8 @@ pub async fn create_database(t: &TaskContext<'_>) -> TaskResult {
     }
     // Recorded before anything is created: a retry reuses the password, and a delete drops
     // what a half-finished attempt made.
-    if site.env.secrets["db_password"].as_str().is_none() {
-        site.env.secrets["db_password"] =
+    if site.env.secrets.expose()["db_password"].as_str().is_none() {
+        site.env.secrets.expose_mut()["db_password"] =
             json!(Alphanumeric.sample_string(&mut rand::thread_rng(), 32));
     }
     site.env.resources["database"] = json!(manifest.database);
@@ -710,18 +940,8 @@ pub async fn create_database(t: &TaskContext<'_>) -> TaskResult {
         }
         DatabaseKind::Sqlite => {
             let dir = site.layout().sqlite_dir(site.id());
-            site.server
-                .mkdirs(std::slice::from_ref(&dir), "750")
-                .await?;
-            if let Some(owner) = site.server.web_owner() {
-                site.server
-                    .sh(
-                        "giving the database directory to the web user",
-                        r#"chown "$1" "$2""#,
-                        &[&owner, &dir],
-                    )
-                    .await?;
-            }
+            site.environment_dirs().await?;
+            site.site_owned_dir(&dir, "750").await?;
             t.log.info(format!("SQLite database at {}", access.path));
         }
         DatabaseKind::None => unreachable!("handled above"),
@@ -733,53 +953,143 @@ pub async fn create_files_directory(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let layout = site.layout();
     let files = layout.files_dir(site.id());
-    site.server
-        .mkdirs(
-            &[
-                layout.environment_dir(site.id()),
-                layout.releases_dir(site.id()),
-            ],
-            "755",
-        )
+    site.environment_dirs().await?;
+    site.site_owned_dir(&files, "750").await?;
+    site.site_owned_dir(&layout.tmp_dir(site.id()), "700")
         .await?;
-    site.server
-        .mkdirs(std::slice::from_ref(&files), "755")
-        .await?;
-    if let Some(owner) = site.server.web_owner() {
-        site.server
-            .sh(
-                "giving the files directory to the web user",
-                r#"chown "$1" "$2""#,
-                &[&owner, &files],
-            )
-            .await?;
-    }
     t.log.info(format!("persistent files in {files}"));
     Ok(TaskOutput::done())
 }
 
-/// Unpacks into `RELEASE.part`, links every writable path into the persistent directory
-/// (seeding it from the release the first time), then renames into place.
+impl Site<'_> {
+    /// The environment's directory and its releases directory: root's, so that the site can
+    /// change nothing in them (no link planted where root later writes), readable by the
+    /// environment's group (its user and nginx's workers) and nobody else.
+    pub(super) async fn environment_dirs(&self) -> Result<(), TaskError> {
+        let layout = self.layout();
+        self.server
+            .mkdirs(std::slice::from_ref(&layout.environments_dir()), "711")
+            .await?;
+        let dirs = [
+            layout.environment_dir(self.id()),
+            layout.releases_dir(self.id()),
+        ];
+        match self.account() {
+            Some((_, group)) => {
+                let mut args = vec![group.as_str()];
+                args.extend(dirs.iter().map(String::as_str));
+                self.server
+                    .sh(
+                        "creating the environment's directories",
+                        r#"set -e; group=$1; shift; for d in "$@"; do mkdir -p "$d"; chown -h "root:$group" "$d"; chmod 750 "$d"; done"#,
+                        &args,
+                    )
+                    .await
+            }
+            None => self.server.mkdirs(&dirs, "755").await,
+        }
+    }
+
+    /// A directory of the environment that its user owns and writes (files, database,
+    /// temporary files), directly inside the environment's directory, which root owns: the
+    /// site can fill it, never replace it by a link.
+    pub(super) async fn site_owned_dir(&self, dir: &str, mode: &str) -> Result<(), TaskError> {
+        self.server
+            .sh(
+                "creating a directory of the site",
+                r#"set -e; dir=$1; mode=$2; owner=$3
+[ -L "$dir" ] && { echo "$dir is a link" >&2; exit 1; }
+mkdir -p "$dir"
+if [ -n "$owner" ]; then chown -h "$owner" "$dir"; fi
+chmod "$mode" "$dir""#,
+                &[dir, mode, &self.owner().unwrap_or_default()],
+            )
+            .await
+    }
+}
+
+/// Unpacks into `RELEASE.part` as root (the archive was checked: only files, directories and
+/// links that stay inside, permission bits only), in a directory root owns and the site's
+/// group may only read; then links every writable path into the persistent directory. The
+/// first time, a writable path is seeded from the release by the environment's own user, who
+/// owns the persistent directory (root never writes there: a link the site planted would
+/// redirect its writes). Then the release is renamed into place.
 const UNPACK: &str = r#"set -e
-artifact=$1; release=$2; files=$3; owner=$4; shift 4
+artifact=$1; release=$2; files=$3; user=$4; group=$5; shift 5
 if [ -d "$release" ]; then echo "already unpacked"; exit 0; fi
 rm -rf "$release.part"
-mkdir -p "$release.part"
-zstd -q -d -c "$artifact" | tar -x --no-same-owner -f - -C "$release.part"
+mkdir -m 700 "$release.part"
+zstd -q -d -c "$artifact" | tar -x --no-same-owner --no-same-permissions -f - -C "$release.part"
+# Data, never privileges: no setuid, setgid or sticky bit, nothing writable but by root.
+chmod -R a-st,go-w "$release.part"
+if [ -n "$group" ]; then chgrp -hR "$group" "$release.part"; chmod -R o-rwx "$release.part"; fi
+chmod 750 "$release.part"
 for path in "$@"; do
-  if [ ! -e "$files/$path" ]; then
-    mkdir -p "$(dirname "$files/$path")"
-    if [ -e "$release.part/$path" ]; then cp -a "$release.part/$path" "$files/$path"; else mkdir -p "$files/$path"; fi
-    if [ -n "$owner" ]; then chown -R "$owner" "$files/$path"; fi
+  src="$release.part/$path"
+  seed='set -e; files=$1; path=$2; src=$3
+if [ -e "$files/$path" ] || [ -L "$files/$path" ]; then exit 0; fi
+mkdir -p "$(dirname "$files/$path")"
+if [ -e "$src" ]; then cp -a "$src" "$files/$path"; else mkdir -p "$files/$path"; fi'
+  if [ -n "$user" ]; then
+    runuser -u "$user" -- sh -c "$seed" sh "$files" "$path" "$src"
+  else
+    sh -c "$seed" sh "$files" "$path" "$src"
   fi
-  rm -rf "$release.part/$path"
-  mkdir -p "$(dirname "$release.part/$path")"
-  ln -s "$files/$path" "$release.part/$path"
+  rm -rf "$src"
+  mkdir -p "$(dirname "$src")"
+  ln -s "$files/$path" "$src"
+  # Owned like what it points to, so that nginx follows it (disable_symlinks if_not_owner).
+  if [ -n "$user" ]; then chown -h "$user:$group" "$src"; fi
 done
-chmod 755 "$release.part"
+if [ -z "$group" ]; then chmod 755 "$release.part"; fi
 mv "$release.part" "$release"
 echo "unpacked"
 "#;
+
+/// Reads the entries of a release artifact on this machine and checks them against the trust
+/// rules ([`hefring_core::archive::check_release`]), before anything is unpacked on a target:
+/// artifacts built before these rules are checked the same way.
+fn check_artifact(path: &Path, manifest: &Manifest) -> Result<(), TaskError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| TaskError(format!("cannot open the artifact {}: {e}", path.display())))?;
+    let decoder = zstd::Decoder::new(file).map_err(|e| TaskError(format!("artifact: {e}")))?;
+    let entries = archive_entries(decoder)?;
+    hefring_core::archive::check_release(&entries, &manifest.docroot, &manifest.writable)
+        .map_err(|e| TaskError(format!("the release is refused: {e}")))
+}
+
+/// The entries of a tar stream, as [`hefring_core::archive`] checks them.
+pub(super) fn archive_entries(
+    reader: impl Read,
+) -> Result<Vec<hefring_core::archive::Entry>, TaskError> {
+    use hefring_core::archive::{Entry, EntryKind};
+    let mut archive = tar::Archive::new(reader);
+    let mut out = Vec::new();
+    let bad = |e: std::io::Error| TaskError(format!("the archive cannot be read: {e}"));
+    for entry in archive.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        let header = entry.header();
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let kind = match header.entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+            tar::EntryType::Directory => EntryKind::Directory,
+            tar::EntryType::Symlink => EntryKind::Symlink(
+                entry
+                    .link_name_bytes()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default(),
+            ),
+            tar::EntryType::Link => EntryKind::HardLink,
+            tar::EntryType::Char => EntryKind::Other("character device".into()),
+            tar::EntryType::Block => EntryKind::Other("block device".into()),
+            tar::EntryType::Fifo => EntryKind::Other("fifo".into()),
+            other => EntryKind::Other(format!("{other:?} entry")),
+        };
+        let mode = header.mode().map_err(bad)?;
+        out.push(Entry { path, kind, mode });
+    }
+    Ok(out)
+}
 
 pub async fn unpack_release(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
@@ -788,19 +1098,18 @@ pub async fn unpack_release(t: &TaskContext<'_>) -> TaskResult {
     let layout = site.layout();
     let sha = release.artifact_sha256.clone().unwrap_or_default();
     let dir = layout.release_dir(site.id(), &release.id);
-    site.server
-        .mkdirs(
-            &[
-                layout.environment_dir(site.id()),
-                layout.releases_dir(site.id()),
-            ],
-            "755",
-        )
-        .await?;
+    let local_artifact = t.ctx.local_artifact(&sha).await?;
+    {
+        let manifest = manifest.clone();
+        tokio::task::spawn_blocking(move || check_artifact(&local_artifact, &manifest))
+            .await
+            .map_err(|e| TaskError(format!("checking the artifact: {e}")))??;
+    }
+    site.environment_dirs().await?;
     let artifact = layout.artifact(&sha);
     let files = layout.files_dir(site.id());
-    let owner = site.server.web_owner().unwrap_or_default();
-    let mut args: Vec<&str> = vec![&artifact, &dir, &files, &owner];
+    let (user, group) = site.account().unwrap_or_default();
+    let mut args: Vec<&str> = vec![&artifact, &dir, &files, &user, &group];
     args.extend(manifest.writable.iter().map(String::as_str));
     site.server
         .sh("unpacking the release", UNPACK, &args)
@@ -940,7 +1249,7 @@ pub async fn run_login_command(t: &TaskContext<'_>) -> TaskResult {
             "the release's {MANIFEST_FILE} has no login command"
         )));
     };
-    let spec = site.server.as_web_user(
+    let spec = site.as_site_user(
         CommandSpec::new(login.argv())
             .cwd(site.layout().release_dir(site.id(), &release.id))
             .envs(site.variables(&manifest, &release)),
@@ -1022,7 +1331,12 @@ async fn acme_certificate(
 pub async fn write_pool(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     let manifest = manifest(t)?;
-    let release = load_release(t, &input_release(t)?).await?;
+    // A deploy names its release; an isolation rewrites the served one's pool.
+    let release = match t.state["release_id"].as_str() {
+        Some(id) if t.op.inputs["release"].is_null() => id.to_string(),
+        _ => input_release(t)?,
+    };
+    let release = load_release(t, &release).await?;
     let fpm_instance = site.server.fpm();
     // The pool carries the variables that stay the same from release to release, so an update
     // never has to restart PHP; HEFRING_RELEASE and HEFRING_COMMIT reach the commands only.
@@ -1031,18 +1345,48 @@ pub async fn write_pool(t: &TaskContext<'_>) -> TaskResult {
         .into_iter()
         .filter(|(name, _)| name != "HEFRING_RELEASE" && name != "HEFRING_COMMIT")
         .collect();
+    let account = site.account();
+    let layout = site.layout();
+    // Its own user reaches its own directories only; shared read-only libraries besides.
+    let php = site.isolated().then(|| {
+        PhpSettings::defaults(
+            vec![
+                format!("{}/", layout.releases_dir(site.id())),
+                format!("{}/", layout.files_dir(site.id())),
+                format!("{}/", layout.sqlite_dir(site.id())),
+                format!("{}/", layout.tmp_dir(site.id())),
+                "/usr/share/php/".to_string(),
+            ],
+            layout.tmp_dir(site.id()),
+        )
+    });
     let pool = PoolConfig {
         id: site.env.id.clone(),
         socket: fpm_instance.socket(site.id()),
-        user: site.server.accounts.web_user.clone(),
-        group: site.server.accounts.web_group.clone(),
+        user: account.as_ref().map(|(u, _)| u.clone()),
+        group: account.as_ref().map(|(_, g)| g.clone()),
+        // Only nginx's workers may connect: not another site's PHP.
         listen_owner: site.server.accounts.web_user.clone(),
         listen_group: site.server.accounts.web_group.clone(),
-        listen_mode: 0o660,
+        listen_mode: if site.isolated() { 0o600 } else { 0o660 },
         error_log: fpm_instance.php_error_log(site.id()),
         max_children: 8,
         env,
+        php,
     };
+    // PHP's own error log is written by the site's workers: a file of theirs, in a directory
+    // of root's (so never a link they planted).
+    site.server
+        .sh(
+            "preparing the PHP error log",
+            r#"set -e; log=$1; owner=$2
+[ -L "$log" ] && rm -f "$log"
+touch "$log"
+if [ -n "$owner" ]; then chown -h "$owner" "$log"; fi
+chmod 600 "$log""#,
+            &[&pool.error_log, &site.owner().unwrap_or_default()],
+        )
+        .await?;
     let text = fpm::pool(&pool).map_err(|e| TaskError(e.to_string()))?;
     let file = fpm_instance.pool_file(site.id());
     if site.server.read_file(&file).await?.as_deref() == Some(&text)
@@ -1091,7 +1435,7 @@ async fn run_commands(t: &TaskContext<'_>, which: &str, commands: &[Command]) ->
     let vars = site.variables(&manifest, &release);
     for command in commands {
         t.log.info(format!("$ {}", command.display()));
-        let spec = site.server.as_web_user(
+        let spec = site.as_site_user(
             CommandSpec::new(command.argv())
                 .cwd(&dir)
                 .envs(vars.clone()),
@@ -1148,7 +1492,7 @@ pub async fn run_cron_command(t: &TaskContext<'_>) -> TaskResult {
         t.log.info(format!("the run scheduled for {slot}"));
     }
     t.log.info(format!("$ {}", cron.command.display()));
-    let spec = site.server.as_web_user(
+    let spec = site.as_site_user(
         CommandSpec::new(cron.command.argv())
             .cwd(site.layout().release_dir(site.id(), &release.id))
             .envs(site.variables(&manifest, &release)),
@@ -1207,30 +1551,52 @@ pub async fn dump_database(t: &TaskContext<'_>) -> TaskResult {
             ..Default::default()
         });
     };
-    let dir = site.layout().dumps_dir(site.id());
-    site.server
-        .mkdirs(std::slice::from_ref(&dir), "700")
-        .await?;
-    let file = format!("{dir}/before-{}.sql", t.op.id);
-    let spec = match access.kind {
+    let file = match access.kind {
         DatabaseKind::Mariadb | DatabaseKind::Postgresql => {
-            dump_command(&site, &access, &format!("{file}.part"))
+            // Made by the database's admin into a directory of root's.
+            // Root's directory; the site's group may read the dump, which is loaded back as
+            // the site's user.
+            let dir = site.layout().dumps_dir(site.id());
+            let group = site.account().map(|(_, g)| g).unwrap_or_default();
+            site.server
+                .sh(
+                    "creating the dumps directory",
+                    r#"set -e; mkdir -p "$1"; if [ -n "$2" ]; then chown -h "root:$2" "$1"; chmod 750 "$1"; else chmod 700 "$1"; fi"#,
+                    &[&dir, &group],
+                )
+                .await?;
+            let file = format!("{dir}/before-{}.sql", t.op.id);
+            let spec = dump_command(&site, &access, &format!("{file}.part"));
+            let code = site.server.run(&spec).await?;
+            crate::run::require_success(code, "the safety dump")?;
+            site.server
+                .sh(
+                    "keeping the dump",
+                    r#"set -e; mv -f "$1.part" "$1"; if [ -n "$2" ]; then chgrp "$2" "$1"; chmod 640 "$1"; fi"#,
+                    &[&file, &group],
+                )
+                .await?;
+            file
         }
-        DatabaseKind::Sqlite => CommandSpec::new([
-            "sh".to_string(),
-            "-c".into(),
-            r#"if [ -f "$2" ]; then sqlite3 "$2" ".backup '$1'"; else : > "$1"; fi"#.into(),
-            "sh".into(),
-            format!("{file}.part"),
-            access.path.clone(),
-        ]),
+        DatabaseKind::Sqlite => {
+            // The site's own file, copied by the site's own user beside it.
+            let file = format!(
+                "{}/before-{}.sqlite",
+                site.layout().sqlite_dir(site.id()),
+                t.op.id
+            );
+            site.site_sh(
+                "the safety dump",
+                r#"set -e; dump=$1; db=$2
+if [ -f "$db" ]; then sqlite3 "$db" ".backup '$dump.part'"; else : > "$dump.part"; fi
+mv -f "$dump.part" "$dump""#,
+                &[&file, &access.path],
+            )
+            .await?;
+            file
+        }
         DatabaseKind::None => unreachable!("no access without a database"),
     };
-    let code = site.server.run(&spec).await?;
-    crate::run::require_success(code, "the safety dump")?;
-    site.server
-        .sh("keeping the dump", r#"mv -f "$1.part" "$1""#, &[&file])
-        .await?;
     t.log.info(format!("safety dump in {file}"));
     Ok(TaskOutput::with_state(json!({ "dump": file })))
 }
@@ -1268,6 +1634,16 @@ pub async fn prune_releases(t: &TaskContext<'_>) -> TaskResult {
                 .info(format!("removed {} old release(s)", stale.len())),
             Err(e) => t.log.info(format!("could not remove old releases: {e}")),
         }
+    }
+    // Old SQLite safety dumps, by the site's user in its own directory, but the newest.
+    if site.env.resources["database"].as_str() == Some("sqlite") {
+        let _ = site
+            .site_sh(
+                "removing old dumps",
+                r#"cd "$1" 2>/dev/null || exit 0; ls -1t | grep '^before-op_.*\.sqlite$' | tail -n +2 | while read -r f; do rm -f -- "$f"; done"#,
+                &[&site.layout().sqlite_dir(site.id())],
+            )
+            .await;
     }
     // Old safety dumps too, but the newest.
     let dumps = site.layout().dumps_dir(site.id());
@@ -1319,14 +1695,14 @@ async fn restore_dump(site: &Site<'_>, manifest: &Manifest, dump: &str) -> Resul
     };
     let spec = match access.kind {
         DatabaseKind::Mariadb | DatabaseKind::Postgresql => load_command(site, &access, dump),
-        DatabaseKind::Sqlite => CommandSpec::new([
+        DatabaseKind::Sqlite => site.as_site_user(CommandSpec::new([
             "sh".to_string(),
             "-c".into(),
             r#"if [ -s "$1" ]; then sqlite3 "$2" ".restore '$1'"; fi"#.into(),
             "sh".into(),
             dump.to_string(),
             access.path.clone(),
-        ]),
+        ])),
         DatabaseKind::None => return Ok(()),
     };
     let code = site.server.run(&spec).await?;
@@ -1459,6 +1835,11 @@ pub(super) async fn drop_database_of(site: &Site<'_>, kind: DatabaseKind) -> Res
 pub async fn remove_files(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
     remove_files_of(&site).await?;
+    // Its user goes last, once nothing of it is left; the uid is never given again.
+    if let (true, Some(user)) = (site.server.is_root, site.own_user()) {
+        site.server.remove_user(user).await?;
+        t.log.info(format!("removed the user {user}"));
+    }
     Ok(TaskOutput::done())
 }
 
@@ -1497,7 +1878,7 @@ pub(super) async fn remove_copy(site: &Site<'_>, keep_database: bool) -> Result<
 pub async fn mark_deleted(t: &TaskContext<'_>) -> TaskResult {
     let mut env = load_env(t).await?;
     env.status = "deleted".into();
-    env.secrets = json!({});
+    env.secrets = hefring_core::Secret::new(json!({}));
     save_env(t, &mut env).await?;
     Ok(TaskOutput::done())
 }

@@ -60,11 +60,20 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
         (K::EnvironmentDisable, "disable_site") => environment::set_enabled(t, false).await,
         (K::EnvironmentEnable, "enable_site") => environment::set_enabled(t, true).await,
         (K::EnvironmentLogin, "run_login_command") => environment::run_login_command(t).await,
-        (K::EnvironmentDeploy | K::EnvironmentClone | K::EnvironmentMigrate, "write_pool") => {
-            environment::write_pool(t).await
-        }
+        (K::EnvironmentIsolate, "create_user") => environment::create_user(t).await,
+        (K::EnvironmentIsolate, "hand_over_files") => environment::hand_over_files(t).await,
         (
-            K::EnvironmentDeploy | K::EnvironmentClone | K::EnvironmentMigrate,
+            K::EnvironmentDeploy
+            | K::EnvironmentClone
+            | K::EnvironmentMigrate
+            | K::EnvironmentIsolate,
+            "write_pool",
+        ) => environment::write_pool(t).await,
+        (
+            K::EnvironmentDeploy
+            | K::EnvironmentClone
+            | K::EnvironmentMigrate
+            | K::EnvironmentIsolate,
             "write_server_block",
         ) => environment::write_server_block(t).await,
         (K::EnvironmentDeploy, "run_install_commands") => {
@@ -82,7 +91,8 @@ pub async fn run(t: &TaskContext<'_>, task: &str) -> TaskResult {
             | K::EnvironmentUpdate
             | K::EnvironmentVerify
             | K::EnvironmentClone
-            | K::EnvironmentMigrate,
+            | K::EnvironmentMigrate
+            | K::EnvironmentIsolate,
             "check_health",
         ) => environment::check_health(t).await,
         (K::EnvironmentUpdate, "check_preview") => environment::check_preview(t).await,

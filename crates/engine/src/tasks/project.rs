@@ -33,9 +33,10 @@ async fn set_status(
 }
 
 pub async fn fetch_repository(t: &TaskContext<'_>) -> TaskResult {
-    let project = load_project(t).await?;
+    let mut project = load_project(t).await?;
     let mirror = git::mirror_path(t.ctx, &project.id);
-    if let Err(e) = git::update_mirror(t.ctx, t.log, &project.git_url, &mirror).await {
+    git::ensure_deploy_key(t.ctx, t.log, &mut project).await?;
+    if let Err(e) = git::update_mirror(t.ctx, t.log, &project, &mirror).await {
         set_status(t, &project, "unreachable", None).await?;
         return Err(e);
     }

@@ -39,13 +39,14 @@ async fn load_release(t: &TaskContext<'_>) -> Result<ReleaseRecord, TaskError> {
 }
 
 pub async fn resolve_ref(t: &TaskContext<'_>) -> TaskResult {
-    let project = load_project(t).await?;
+    let mut project = load_project(t).await?;
     let reference = t.op.inputs["ref"]
         .as_str()
         .ok_or_else(|| TaskError::new("the operation has no ref"))?
         .to_string();
     let mirror = git::mirror_path(t.ctx, &project.id);
-    git::update_mirror(t.ctx, t.log, &project.git_url, &mirror).await?;
+    git::ensure_deploy_key(t.ctx, t.log, &mut project).await?;
+    git::update_mirror(t.ctx, t.log, &project, &mirror).await?;
     let commit = git::resolve(t.ctx, t.log, &mirror, &reference)
         .await?
         .ok_or_else(|| {
@@ -273,7 +274,8 @@ fn append_dir<W: Write>(
         let mut header = tar::Header::new_gnu();
         header.set_metadata_in_mode(&meta, tar::HeaderMode::Deterministic);
         header.set_mtime(mtime);
-        header.set_mode(meta.mode() & 0o7777);
+        // Permission bits only: a setuid bit a build command set must not reach a target.
+        header.set_mode(meta.mode() & 0o777);
         header.set_uid(0);
         header.set_gid(0);
         if meta.file_type().is_symlink() {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hefring_backend_server::{CommandSpec, Executor};
 use hefring_core::environment::{Accounts, Layout};
+use hefring_core::isolation;
 use hefring_core::render::fpm::{self, FpmInstance};
 use hefring_core::render::nginx::{self, NginxInstance};
 use hefring_store::TargetRecord;
@@ -60,20 +61,122 @@ done
 echo "nginx workers of the old configuration still accept connections after 10 s:$left" >&2
 "#;
 
+/// Starts Hefring's nginx (`$2 ARGS...`, pid file `$1`) unless it runs, after its test.
+const NGINX_START: &str = r#"set -e
+pidfile=$1; shift
+pid=$(cat "$pidfile" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && exit 0
+"$@" -t -q
+"$@"
+echo started
+"#;
+
+/// Tests Hefring's nginx configuration, then reloads it and waits for the old workers
+/// ([`RELOAD_AND_WAIT`]), or starts it when it is down.
+const NGINX_RELOAD: &str = r#"set -e
+wait_script=$1; pidfile=$2; shift 2
+"$@" -t -q
+pid=$(cat "$pidfile" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || { "$@"; exit 0; }
+sh -c "$wait_script" sh "$pidfile" "$@" -s reload
+"#;
+
+/// Runs a system nginx's test command (the `$1` arguments after `$1`), then its reload
+/// command (the rest). Positions only go through `eval`, never the arguments' text.
+const SYSTEM_NGINX_RELOAD: &str = r#"set -e
+n=$1; shift
+t=""; i=1
+while [ "$i" -le "$n" ]; do t="$t \"\${$i}\""; i=$((i + 1)); done
+r=""
+while [ "$i" -le "$#" ]; do r="$r \"\${$i}\""; i=$((i + 1)); done
+eval "$t"
+eval "$r"
+"#;
+
 pub struct Server<'a> {
     pub exec: Box<dyn Executor>,
     pub target: TargetRecord,
     pub layout: Layout,
     pub accounts: Accounts,
+    /// Whether Hefring is root there: only then can each environment be its own user.
+    pub is_root: bool,
     pub log: &'a OperationLog,
 }
+
+/// Creates an environment's user and group (`$1`) if missing, with the next uid of the
+/// machine's high-water mark (never one used before, nor one taken by anyone else), home
+/// `$2`, and adds the nginx workers' user `$3` (if given) to its group, so that nginx reads
+/// the site's static files and nothing else does. Machine-wide lock: users are machine-wide.
+/// A user half made by an attempt cut short (its group only) is completed. Prints its uid.
+const ENSURE_USER: &str = r#"set -e
+name=$1; home=$2; web=$3; state=$4; min=$5; max=$6
+mkdir -p "$state"; chmod 700 "$state"
+exec 9>>"$state/users.lock"
+flock -w 120 9
+if ! id -u "$name" >/dev/null 2>&1; then
+  uid=$(getent group "$name" | cut -d: -f3)
+  if [ -z "$uid" ]; then
+    uid=$(cat "$state/next-uid" 2>/dev/null || echo "$min")
+    [ "$uid" -ge "$min" ] || uid=$min
+    while getent passwd "$uid" >/dev/null || getent group "$uid" >/dev/null; do uid=$((uid + 1)); done
+    [ "$uid" -le "$max" ] || { echo "no environment uid is left below $max" >&2; exit 1; }
+    echo $((uid + 1)) > "$state/next-uid.part"; mv -f "$state/next-uid.part" "$state/next-uid"
+    groupadd -g "$uid" "$name"
+  fi
+  useradd -u "$uid" -g "$name" -M -d "$home" -s /usr/sbin/nologin -c "Hefring environment" "$name"
+fi
+if [ -n "$web" ] && ! id -nG "$web" | tr ' ' '
+' | grep -qx "$name"; then
+  usermod -a -G "$name" "$web"
+fi
+echo "uid $(id -u "$name")"
+"#;
+
+/// Removes an environment's user and group (`$1`), after stopping whatever still runs as it.
+const REMOVE_USER: &str = r#"set -e
+name=$1; state=$2
+id -u "$name" >/dev/null 2>&1 || { getent group "$name" >/dev/null && groupdel "$name"; exit 0; }
+mkdir -p "$state"; chmod 700 "$state"
+exec 9>>"$state/users.lock"
+flock -w 120 9
+pkill -KILL -u "$name" 2>/dev/null || true
+userdel -f "$name" 2>/dev/null || userdel "$name"
+if getent group "$name" >/dev/null; then groupdel "$name"; fi
+"#;
+
+/// Starts PHP-FPM if it is down, or (`reload`) tests its configuration and reloads it
+/// gracefully, then waits until the master says it is ready again. Run under the target's
+/// lock, so that no other deploy starts or reloads the same master meanwhile (PHP-FPM fails
+/// to initialise when a second start or a reload meets one half done).
+const FPM_CONTROL: &str = r#"set -e
+action=$1; pidfile=$2; log=$3; bin=$4; shift 4
+running() { pid=$(cat "$pidfile" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
+ready() { grep -c 'ready to handle connections' "$log" 2>/dev/null || echo 0; }
+if running; then
+  [ "$action" = reload ] || exit 0
+  "$bin" "$@" -t
+  before=$(ready)
+  kill -USR2 "$(cat "$pidfile")"
+else
+  "$bin" "$@" -t
+  before=$(ready)
+  "$bin" "$@"
+  echo "started"
+fi
+i=0
+while [ "$(ready)" -le "$before" ]; do
+  i=$((i + 1))
+  [ "$i" -lt 200 ] || { echo "PHP-FPM did not say it is ready within 10 s" >&2; exit 1; }
+  sleep 0.05
+done
+"#;
 
 /// Reads a pid file and tells whether that process lives. Prints `running PID` or `stopped`.
 const STATUS: &str = r#"pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "running $pid" || echo stopped"#;
 
 /// Writes stdin to `$1` atomically with mode `$2` (and owner `$3` when given).
+/// The temporary name is the writer's own (`$$`): two deploys writing the same shared file at
+/// once (the masters' configuration on a fresh target) must not rename each other's.
 const WRITE_FILE: &str = r#"set -e
-part="$1.part"
+part="$1.part.$$"
 umask 077
 cat > "$part"
 chmod "$2" "$part"
@@ -132,6 +235,7 @@ impl<'a> Server<'a> {
             layout: Layout::new(target.root.clone()),
             target,
             accounts,
+            is_root,
             log: t.log,
         })
     }
@@ -163,14 +267,6 @@ impl<'a> Server<'a> {
 
     pub fn fpm(&self) -> FpmInstance {
         self.layout.fpm(&self.accounts)
-    }
-
-    /// `user:group` for files the sites write, when Hefring is root.
-    pub fn web_owner(&self) -> Option<String> {
-        match (&self.accounts.web_user, &self.accounts.web_group) {
-            (Some(u), Some(g)) => Some(format!("{u}:{g}")),
-            _ => None,
-        }
     }
 
     /// Runs a fixed script with arguments; its output goes to the log. Fails unless it exits 0.
@@ -206,21 +302,6 @@ impl<'a> Server<'a> {
     /// Runs a command with its output in the log and answers its exit code.
     pub async fn run(&self, spec: &CommandSpec) -> Result<Option<i32>, TaskError> {
         run_logged(self.exec.as_ref(), spec, self.log).await
-    }
-
-    /// Runs a command of the project as the web user (when Hefring is root).
-    pub fn as_web_user(&self, mut spec: CommandSpec) -> CommandSpec {
-        if let Some(user) = &self.accounts.web_user {
-            let mut argv = vec![
-                "runuser".to_string(),
-                "-u".into(),
-                user.clone(),
-                "--".into(),
-            ];
-            argv.append(&mut spec.argv);
-            spec.argv = argv;
-        }
-        spec
     }
 
     /// Writes a file atomically. `secret` files are readable by their owner only.
@@ -302,114 +383,140 @@ impl<'a> Server<'a> {
                 .await?;
         }
         let mut started = Vec::new();
-        if !self.running(&fpm.pid_file()).await? {
-            self.test_fpm().await?;
-            self.log.info("starting PHP-FPM");
-            let bin = tool(&self.target, "php-fpm");
-            self.sh_run(&bin, &fpm.argv(&[]), "starting PHP-FPM")
-                .await?;
-            started.push("php-fpm");
-        } else if fpm_changed {
-            self.reload_fpm().await?;
+        if !self.running(&fpm.pid_file()).await? || fpm_changed {
+            let action = if fpm_changed { "reload" } else { "ensure" };
+            if self.fpm_control(action).await? {
+                self.log.info("started PHP-FPM");
+                started.push("php-fpm");
+            }
         }
         if self.system_nginx().is_some() {
             // Not Hefring's to start: the system runs it.
         } else if !self.running(&nginx.pid_file()).await? {
-            self.test_nginx().await?;
-            self.log.info("starting nginx");
             let bin = tool(&self.target, "nginx");
-            self.sh_run(&bin, &nginx.argv(&[]), "starting nginx")
+            let mut args = vec![nginx.pid_file(), bin];
+            args.extend(nginx.argv(&[]));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = self
+                .locked_output("starting nginx", NGINX_START, &args)
                 .await?;
-            started.push("nginx");
+            if out.contains("started") {
+                self.log.info("started nginx");
+                started.push("nginx");
+            }
         } else if nginx_changed {
             self.reload_nginx().await?;
         }
         Ok(started)
     }
 
-    async fn sh_run(&self, bin: &str, args: &[String], what: &str) -> Result<(), TaskError> {
-        let mut argv = vec![bin.to_string()];
-        argv.extend(args.iter().cloned());
-        let code = self.run(&CommandSpec::new(argv)).await?;
+    /// A fixed script run under the target's lock ([`Layout::lock_file`]): every step that
+    /// starts, tests or reloads the shared servers, whichever worker or machine runs it.
+    fn locked_spec(&self, script: &str, args: &[&str]) -> CommandSpec {
+        let mut spec = script_spec(script, args);
+        let mut argv = vec![
+            "flock".to_string(),
+            // Not inherited by what the script starts: a daemon must not keep the lock.
+            "--close".into(),
+            "-w".into(),
+            "300".into(),
+            self.layout.lock_file(),
+        ];
+        argv.append(&mut spec.argv);
+        spec.argv = argv;
+        spec
+    }
+
+    async fn locked_output(
+        &self,
+        what: &str,
+        script: &str,
+        args: &[&str],
+    ) -> Result<String, TaskError> {
+        let spec = self.locked_spec(script, args);
+        let (code, out) = run_captured(self.exec.as_ref(), &spec, self.log).await?;
         match code {
-            Some(0) => Ok(()),
-            other => Err(TaskError(format!("{what} failed (exit status {other:?})"))),
+            Some(0) => Ok(out),
+            other => Err(TaskError(format!(
+                "{what} failed (exit status {})",
+                other.map_or("none".into(), |c| c.to_string())
+            ))),
         }
     }
 
-    pub async fn test_nginx(&self) -> Result<(), TaskError> {
-        if let Some(system) = self.system_nginx() {
-            let code = self
-                .run(&CommandSpec::new(system.test_command.clone()))
-                .await?;
-            return match code {
-                Some(0) => Ok(()),
-                other => Err(TaskError(format!(
-                    "the system nginx's configuration test failed (exit status {other:?})"
-                ))),
-            };
-        }
-        let bin = tool(&self.target, "nginx");
-        self.sh_run(
-            &bin,
-            &self.nginx().argv(&["-t", "-q"]),
-            "nginx -t (the configuration test)",
-        )
-        .await
-    }
-
-    pub async fn test_fpm(&self) -> Result<(), TaskError> {
+    /// [`FPM_CONTROL`] under the target's lock: `ensure` starts PHP-FPM if it is down, `reload`
+    /// also tests and reloads it. Answers whether it started it.
+    async fn fpm_control(&self, action: &str) -> Result<bool, TaskError> {
+        let fpm = self.fpm();
         let bin = tool(&self.target, "php-fpm");
-        self.sh_run(
-            &bin,
-            &self.fpm().argv(&["-t"]),
-            "php-fpm -t (the configuration test)",
-        )
-        .await
+        let mut args = vec![action.to_string(), fpm.pid_file(), fpm.error_log(), bin];
+        args.extend(fpm.argv(&[]));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let what = if action == "reload" {
+            "reloading PHP-FPM"
+        } else {
+            "starting PHP-FPM"
+        };
+        let out = self.locked_output(what, FPM_CONTROL, &args).await?;
+        Ok(out.contains("started"))
     }
 
-    /// Tests the configuration, then reloads gracefully (or starts nginx if it is down).
+    /// Tests the configuration, then reloads gracefully (or starts nginx if it is down), under
+    /// the target's lock.
     pub async fn reload_nginx(&self) -> Result<(), TaskError> {
-        self.test_nginx().await?;
         if let Some(system) = self.system_nginx() {
-            let code = self
-                .run(&CommandSpec::new(system.reload_command.clone()))
+            let mut args = vec![system.test_command.len().to_string()];
+            args.extend(system.test_command.iter().cloned());
+            args.extend(system.reload_command.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.locked_output("reloading the system nginx", SYSTEM_NGINX_RELOAD, &args)
                 .await?;
-            return match code {
-                Some(0) => Ok(()),
-                other => Err(TaskError(format!(
-                    "reloading the system nginx failed (exit status {other:?})"
-                ))),
-            };
+            return Ok(());
         }
         let nginx = self.nginx();
         let bin = tool(&self.target, "nginx");
-        if self.running(&nginx.pid_file()).await? {
-            let mut args = vec![nginx.pid_file(), bin];
-            args.extend(nginx.argv(&["-s", "reload"]));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            self.sh("reloading nginx", RELOAD_AND_WAIT, &args).await
-        } else {
-            self.sh_run(&bin, &nginx.argv(&[]), "starting nginx").await
-        }
+        let mut args = vec![RELOAD_AND_WAIT.to_string(), nginx.pid_file(), bin];
+        args.extend(nginx.argv(&[]));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.locked_output("reloading nginx", NGINX_RELOAD, &args)
+            .await?;
+        Ok(())
     }
 
     /// Tests the configuration, then reloads PHP-FPM gracefully (SIGUSR2: it re-executes
-    /// itself keeping its sockets) and waits until `socket` answers, if given.
+    /// itself keeping its sockets), or starts it if it is down, under the target's lock.
     pub async fn reload_fpm(&self) -> Result<(), TaskError> {
-        self.test_fpm().await?;
-        let fpm = self.fpm();
-        if self.running(&fpm.pid_file()).await? {
-            self.sh(
-                "reloading PHP-FPM",
-                r#"kill -USR2 "$(cat "$1")""#,
-                &[&fpm.pid_file()],
+        self.fpm_control("reload").await.map(|_| ())
+    }
+
+    /// Makes sure the environment's user exists (see [`ENSURE_USER`]) and answers its uid.
+    pub async fn ensure_user(&self, name: &str, home: &str) -> Result<u32, TaskError> {
+        let web = self.accounts.web_user.clone().unwrap_or_default();
+        let (min, max) = (
+            isolation::ENVIRONMENT_UID_MIN.to_string(),
+            isolation::ENVIRONMENT_UID_MAX.to_string(),
+        );
+        let out = self
+            .sh_output(
+                &format!("creating the user {name}"),
+                ENSURE_USER,
+                &[name, home, &web, isolation::USER_STATE_DIR, &min, &max],
             )
-            .await
-        } else {
-            let bin = tool(&self.target, "php-fpm");
-            self.sh_run(&bin, &fpm.argv(&[]), "starting PHP-FPM").await
-        }
+            .await?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("uid "))
+            .and_then(|uid| uid.trim().parse().ok())
+            .ok_or_else(|| TaskError(format!("the user {name} has no uid")))
+    }
+
+    /// Removes the environment's user and group, and whatever still runs as it.
+    pub async fn remove_user(&self, name: &str) -> Result<(), TaskError> {
+        self.sh(
+            &format!("removing the user {name}"),
+            REMOVE_USER,
+            &[name, isolation::USER_STATE_DIR],
+        )
+        .await
     }
 
     /// Waits until a unix socket exists (a pool PHP-FPM has just been told about).

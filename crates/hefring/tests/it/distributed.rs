@@ -823,7 +823,9 @@ async fn a_message_that_keeps_killing_workers_goes_to_the_dead_letter_queue() {
 /// A ready backup of `environment`, stored directly: the rules look at the record only, so no
 /// database or files stand behind it.
 async fn stored_backup(database: &Database, environment: &str) -> String {
-    let store = hefring_store::connect(&database.url()).await.unwrap();
+    let store = hefring_store::connect_unsealed(&database.url())
+        .await
+        .unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

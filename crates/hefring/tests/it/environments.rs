@@ -61,6 +61,18 @@ impl Drop for TargetRoot {
         if !sql.is_empty() {
             let _ = mariadb(&sql);
         }
+        // And the Unix user of each (a test rarely deletes its environments).
+        if let Ok(environments) = std::fs::read_dir(self.path().join("environments")) {
+            for entry in environments.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if id.starts_with("env_") {
+                    let user = hefring_core::isolation::environment_user(&id);
+                    let _ = Command::new("pkill").args(["-KILL", "-u", &user]).status();
+                    let _ = Command::new("userdel").args(["-f", &user]).output();
+                    let _ = Command::new("groupdel").arg(&user).output();
+                }
+            }
+        }
     }
 }
 

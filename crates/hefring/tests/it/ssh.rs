@@ -8,9 +8,9 @@ use serde_json::json;
 
 use crate::harness::Server;
 
-struct Sshd {
+pub struct Sshd {
     child: Child,
-    port: u16,
+    pub port: u16,
 }
 
 impl Drop for Sshd {
@@ -35,7 +35,7 @@ fn free_port() -> u16 {
 }
 
 /// A private sshd accepting `authorized_key`, with a host key of its own in `dir`.
-fn start_sshd(dir: &Path, authorized_key: &str, host_key_name: &str) -> Sshd {
+pub fn start_sshd(dir: &Path, authorized_key: &str, host_key_name: &str) -> Sshd {
     let sshd = sshd_binary().expect("sshd is installed by scripts/test (openssh-server)");
     std::fs::create_dir_all("/run/sshd").unwrap();
     let host_key = dir.join(host_key_name);
