@@ -215,6 +215,11 @@ async fn queue_isolation(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>) -> Resu
     }
 }
 
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// The backup store `--backup-store` names (default: `DATA_DIR/backups`).
 fn backup_store(args: &EngineArgs, dir: &Path) -> Result<Arc<dyn hefring_objects::ObjectStore>> {
     let spec = match &args.backup_store {
@@ -328,6 +333,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     register_local_target(&store, &queue, &dir).await?;
     queue_isolation(&store, &queue).await?;
+    // Said plainly at start: on this machine, sites cannot be kept apart without root.
+    if !running_as_root() {
+        tracing::warn!(
+            "Hefring is not running as root: environments on this machine's targets cannot each have their own user (isolation is impossible here); deploys to a target that requires isolation (the default) are refused. Run as root to host sites, or set isolation: optional on a target only to try Hefring out"
+        );
+        eprintln!("warning: Hefring is not root here, so it cannot isolate sites from one another: deploys to targets that require isolation (the default) will be refused");
+    }
     let backups = backup_store(&args.engine, &dir)?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
