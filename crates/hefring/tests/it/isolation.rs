@@ -78,13 +78,7 @@ async fn environment(server: &Server, name: &str, project: &str, target: &str) -
 }
 
 async fn deploy(server: &Server, env: &str, release: &str) -> Value {
-    let op = server
-        .start_op(
-            &format!("/environments/{env}/deploy"),
-            Some(json!({"release": release})),
-        )
-        .await;
-    server.wait_op(op["id"].as_str().unwrap()).await
+    crate::environments::deploy(server, env, release, "deploy").await
 }
 
 fn owner_of(path: &Path) -> u32 {
