@@ -212,10 +212,11 @@ async fn a_release_build_records_the_commit_and_an_immutable_artifact_reused_for
 #[tokio::test]
 async fn a_failed_build_rolls_back_and_a_retry_resumes_at_the_failed_task_keeping_the_old_log() {
     let server = Server::start().await;
-    let flag = server.data_dir().join("allow-build");
+    // The flag the build looks for: a port on loopback that something listens on (a build
+    // sees no file outside its tree).
+    let flag = crate::environments::free_port();
     let manifest = format!(
-        "runtime: php\nbuild:\n  - echo step-one\n  - [sh, -c, \"test -f {} || {{ echo missing flag >&2; exit 7; }}\"]\n",
-        flag.display()
+        "runtime: php\nbuild:\n  - echo step-one\n  - [bash, -c, \"(exec 3<>/dev/tcp/127.0.0.1/{flag}) 2>/dev/null || {{ echo missing flag >&2; exit 7; }}\"]\n"
     );
     let repo = Repo::new(&manifest);
     let project = add_project(&server, "flaky", &repo).await;
@@ -246,7 +247,7 @@ async fn a_failed_build_rolls_back_and_a_retry_resumes_at_the_failed_task_keepin
     let id = failed["id"].as_str().unwrap();
 
     // Retrying a failed operation while it is not failed is refused; a retry now resumes.
-    std::fs::write(&flag, "").unwrap();
+    let listening = std::net::TcpListener::bind(("127.0.0.1", flag)).unwrap();
     let retried = server
         .start_op(&format!("/operations/{id}/retry"), None)
         .await;
@@ -282,7 +283,7 @@ async fn a_failed_build_rolls_back_and_a_retry_resumes_at_the_failed_task_keepin
 
     // Building the same commit again, with the flag gone: the ready release is reused, so
     // the failing build command does not run at all.
-    std::fs::remove_file(&flag).unwrap();
+    drop(listening);
     let failed = build(&server, &project, "main").await;
     assert_eq!(
         failed["status"], "succeeded",
