@@ -150,7 +150,7 @@ mod tests {
     fn snapshot_build_command() {
         let argv = argv(&Sandbox {
             user: "hefring-build",
-            build_dir: "/var/lib/hefring/builds/abc/op_01",
+            build_dir: "/var/lib/hefring-builds/abc/op_01",
             root_entries: &merged_usr(),
             env: &[
                 ("PATH".into(), SANDBOX_PATH.into()),
@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn build_directories_that_would_lend_the_system_are_refused() {
-        for ok in ["/var/lib/hefring/builds/x", "/tmp/hefring-out-1/builds"] {
+        for ok in ["/var/lib/hefring-builds/x", "/tmp/hefring-out-1/builds"] {
             check_build_dir("build_root", ok).unwrap();
         }
         for bad in [

@@ -134,7 +134,7 @@ pub struct ServeArgs {
     pub scheduler_clock: String,
     /// Where targets on this machine get their root when none is given (the `local` target
     /// registered at the first start: TARGETS_ROOT/local), outside the data directory.
-    /// Default, per installation: /var/lib/hefring/targets/INSTALLATION as root, else
+    /// Default, per installation: /var/lib/hefring-targets/INSTALLATION as root, else
     /// DATA_DIR/../hefring-targets/INSTALLATION.
     #[arg(long, env = "HEFRING_TARGETS_ROOT")]
     pub targets_root: Option<PathBuf>,
@@ -206,7 +206,7 @@ pub struct EngineArgs {
     pub certificate_check_seconds: u64,
     /// Where build trees are made, outside the data directory (as root, build commands run
     /// there as the user hefring-build in a bubblewrap sandbox). Default, per installation:
-    /// /var/lib/hefring/builds/INSTALLATION as root, else DATA_DIR/../hefring-builds/INSTALLATION.
+    /// /var/lib/hefring-builds/INSTALLATION as root, else DATA_DIR/../hefring-builds/INSTALLATION.
     #[arg(long, env = "HEFRING_BUILD_ROOT")]
     pub build_root: Option<PathBuf>,
 }

@@ -37,12 +37,16 @@ pub fn is_root() -> bool {
 }
 
 /// A directory of this installation outside its data directory (`kind`: `builds`,
-/// `targets`): `/var/lib/hefring/KIND/INSTALLATION` as root, else
+/// `targets`): `/var/lib/hefring-KIND/INSTALLATION` as root, else
 /// `DATA_DIR/../hefring-KIND/INSTALLATION`. Per installation, so that several on one machine
-/// (parallel test servers) never share one.
+/// (parallel test servers) never share one. Not below `/var/lib/hefring`, which is root's
+/// alone (0700: the environment users' uid high-water mark): the build user must pass
+/// through to its trees, and nginx's workers to the `local` target's sites.
 pub fn machine_dir(kind: &str, data_dir: &Path, installation: &str, root: bool) -> PathBuf {
     if root {
-        Path::new("/var/lib/hefring").join(kind).join(installation)
+        Path::new("/var/lib")
+            .join(format!("hefring-{kind}"))
+            .join(installation)
     } else {
         data_dir
             .parent()
@@ -259,7 +263,7 @@ mod tests {
     fn machine_directories_are_per_installation_and_outside_the_data_directory() {
         let data = Path::new("/srv/hefring/data");
         let as_root = machine_dir("builds", data, "abc123", true);
-        assert_eq!(as_root, Path::new("/var/lib/hefring/builds/abc123"));
+        assert_eq!(as_root, Path::new("/var/lib/hefring-builds/abc123"));
         let as_user = machine_dir("targets", data, "abc123", false);
         assert_eq!(as_user, Path::new("/srv/hefring/hefring-targets/abc123"));
         assert!(!as_user.starts_with(data) && !as_root.starts_with(data));
