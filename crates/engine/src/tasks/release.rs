@@ -179,7 +179,14 @@ fn unpack_tree(archive: &Path, dir: &Path, owner: Option<(u32, u32)>) -> std::io
 }
 
 fn read_manifest(dir: &Path) -> Result<Manifest, TaskError> {
-    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|_| {
+    let path = dir.join(MANIFEST_FILE);
+    // Hefring reads it as root: a link committed in its place (to /etc/shadow) is refused.
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        return Err(TaskError(format!(
+            "{MANIFEST_FILE} must be a regular file, not a link or a directory"
+        )));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|_| {
         TaskError(format!(
             "{MANIFEST_FILE} is missing at the root of the commit"
         ))
