@@ -149,8 +149,9 @@ async fn a_hostile_build_reads_and_writes_nothing_outside_its_tree() {
         "ls -la / '{d}' '{}' 2>&1\n",
         canaries.path().display()
     ));
+    let usr_pwned = std::path::PathBuf::from(format!("/usr/pwned-{}", random_hex(8)));
     for path in [
-        "/usr/pwned".into(),
+        usr_pwned.clone(),
         data.join("pwned"),
         canaries.path().join("pwned"),
         closed.clone(),
@@ -217,11 +218,7 @@ async fn a_hostile_build_reads_and_writes_nothing_outside_its_tree() {
 
     // Nothing it wrote landed outside its tree; root's file is as it was.
     assert!(!log.contains("wrote "), "{log}");
-    for path in [
-        Path::new("/usr/pwned").to_path_buf(),
-        data.join("pwned"),
-        canaries.path().join("pwned"),
-    ] {
+    for path in [usr_pwned, data.join("pwned"), canaries.path().join("pwned")] {
         assert!(!path.exists(), "{path:?} was written");
     }
     assert_eq!(std::fs::read_to_string(&closed).unwrap(), closed_secret);
@@ -382,4 +379,27 @@ async fn builds_and_environment_users_cannot_reach_the_control_planes_private_se
         .unwrap();
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(!listed.contains(&tables[0]), "{listed}");
+}
+
+#[tokio::test]
+async fn a_manifest_that_is_a_link_is_refused_not_read_as_root() {
+    let server = Server::start().await;
+    let repo = Repo::new("runtime: php\n");
+    let manifest = repo.dir.path().join(".hefring.yml");
+    std::fs::remove_file(&manifest).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", &manifest).unwrap();
+    repo.git(&["add", "-A"]);
+    repo.git(&["commit", "-q", "-m", "link"]);
+    let project = add_project(&server, "linked", &repo).await;
+    let op = build_op(&server, &project).await;
+    assert_eq!(op["status"], "failed", "{op}");
+    assert!(
+        op["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be a regular file"),
+        "{op}"
+    );
+    let log = server.log_text(op["id"].as_str().unwrap()).await;
+    assert!(!log.contains("root:"), "{log}");
 }
