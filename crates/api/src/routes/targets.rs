@@ -107,8 +107,7 @@ pub async fn create(
     // Short: PHP-FPM's sockets live below the root, and a socket path holds 107 bytes.
     let root = body.root.unwrap_or_else(|| match host {
         Host::Local => state
-            .data_dir
-            .join("targets")
+            .targets_root
             .join(&body.name)
             .to_string_lossy()
             .into_owned(),
