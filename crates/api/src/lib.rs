@@ -34,8 +34,11 @@ pub fn operation_json(op: &hefring_store::OperationRecord) -> serde_json::Value 
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn Queue>,
-    /// Absolute; where local targets get their default root and the SSH key lives.
+    /// Absolute; where the SSH key and the CA live.
     pub data_dir: PathBuf,
+    /// Where targets on this machine get their root when none is given: `ROOT/NAME`,
+    /// outside the data directory.
+    pub targets_root: PathBuf,
     /// Where backup archives are kept (downloads read them from there).
     pub backups: Arc<dyn hefring_objects::ObjectStore>,
     /// The scheduler's clock is driven through `POST /api/v1/scheduler/tick` (tests).
@@ -46,6 +49,7 @@ impl AppState {
     /// The application layer every handler's request goes through.
     pub fn app(&self) -> hefring_app::App {
         hefring_app::App::new(self.store.clone(), self.data_dir.clone())
+            .with_targets_root(self.targets_root.clone())
     }
 }
 

@@ -34,8 +34,10 @@ pub use message::{field_of, from_value};
 #[derive(Clone)]
 pub struct App {
     store: Arc<dyn Store>,
-    /// Absolute: where local targets get their default root; no repository may live inside.
+    /// Absolute: Hefring's data directory; no repository may live inside.
     data_dir: PathBuf,
+    /// Where targets on this machine get their root when none is given (`ROOT/NAME`).
+    targets_root: PathBuf,
 }
 
 /// Who asks, and how the operation is to be stored.
@@ -86,8 +88,20 @@ pub fn now_ms() -> i64 {
 }
 
 impl App {
+    /// The application over `store`; local targets get their default root below
+    /// `DATA_DIR/targets` unless [`App::with_targets_root`] says otherwise.
     pub fn new(store: Arc<dyn Store>, data_dir: PathBuf) -> App {
-        App { store, data_dir }
+        App {
+            targets_root: data_dir.join("targets"),
+            store,
+            data_dir,
+        }
+    }
+
+    /// Where targets on this machine get their root when none is given.
+    pub fn with_targets_root(mut self, targets_root: PathBuf) -> App {
+        self.targets_root = targets_root;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

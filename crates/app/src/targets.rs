@@ -98,8 +98,7 @@ impl App {
         // Short: PHP-FPM's sockets live below the root, and a socket path holds 107 bytes.
         let root = body.root.unwrap_or_else(|| match host {
             Host::Local => self
-                .data_dir
-                .join("targets")
+                .targets_root
                 .join(&body.name)
                 .to_string_lossy()
                 .into_owned(),

@@ -79,9 +79,37 @@ pub fn new_id(kind: IdKind, now_ms: i64) -> String {
     out
 }
 
+/// A new installation id: 12 random lower-case letters and digits (60 bits). Short, because
+/// it names things on the machine (the nftables table, the per-installation directories of
+/// builds and of the `local` target, whose PHP-FPM sockets must stay within 107 bytes), and
+/// random rather than time-ordered, so installations made in one millisecond (parallel test
+/// servers) still differ.
+pub fn new_installation_id() -> String {
+    let mut random = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut random);
+    random
+        .iter()
+        .map(|b| CROCKFORD[(*b & 31) as usize] as char)
+        .collect()
+}
+
+/// Whether `id` has the shape [`new_installation_id`] gives.
+pub fn is_installation_id(id: &str) -> bool {
+    id.len() == 12 && id.bytes().all(|b| CROCKFORD.contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn installation_ids_are_short_and_differ() {
+        let (a, b) = (new_installation_id(), new_installation_id());
+        assert!(is_installation_id(&a), "{a}");
+        assert_ne!(a, b);
+        assert!(!is_installation_id("ABCDEFGHJKMN"));
+        assert!(!is_installation_id("abc"));
+    }
 
     #[test]
     fn ids_have_their_prefix_and_shape() {

@@ -7,6 +7,7 @@ pub mod acme;
 mod log;
 mod progress;
 mod run;
+pub mod sandbox;
 mod tasks;
 mod worker;
 

@@ -27,6 +27,8 @@ pub struct Context {
     /// Where release artifacts are shared between machines (`--artifact-store`); `None`:
     /// only this machine's `DATA_DIR/artifacts` (shared, if at all, as a directory).
     pub artifacts: Option<Arc<dyn hefring_objects::ObjectStore>>,
+    /// Where build commands run and as whom.
+    pub builds: crate::sandbox::Builds,
 }
 
 /// An artifact's key in the artifact store.

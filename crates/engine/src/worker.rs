@@ -63,6 +63,9 @@ pub struct EngineConfig {
     pub backups: Option<Arc<dyn hefring_objects::ObjectStore>>,
     /// Where release artifacts are shared between machines; `None`: this machine only.
     pub artifacts: Option<Arc<dyn hefring_objects::ObjectStore>>,
+    /// Where build trees are made; it must be outside the data directory for builds to run
+    /// isolated. `None`: `DATA_DIR/builds` (builds run only where Hefring is not root).
+    pub build_root: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -81,6 +84,7 @@ impl EngineConfig {
             max_redeliveries: 5,
             backups: None,
             artifacts: None,
+            build_root: None,
         }
     }
 }
@@ -116,6 +120,11 @@ impl Engine {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!("{}-{}-{:04x}", host.trim(), std::process::id(), rand_u16());
         let recorder = Recorder::start(store.clone(), config.queues.clone());
+        let build_root = config
+            .build_root
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("builds"));
+        let builds = crate::sandbox::Builds::prepare(build_root, &config.data_dir).await;
         Ok(Arc::new(Engine {
             ctx: Context {
                 store,
@@ -132,6 +141,7 @@ impl Engine {
                 },
                 queue: queue.clone(),
                 artifacts: config.artifacts.clone(),
+                builds,
             },
             recorder,
             queue,

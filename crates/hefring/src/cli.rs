@@ -137,6 +137,12 @@ pub struct ServeArgs {
     /// only `POST /api/v1/scheduler/tick` moves it (for tests).
     #[arg(long, env = "HEFRING_SCHEDULER_CLOCK", default_value = "system", value_parser = ["system", "manual"])]
     pub scheduler_clock: String,
+    /// Where targets on this machine get their root when none is given (the `local` target
+    /// registered at the first start: TARGETS_ROOT/local), outside the data directory.
+    /// Default, per installation: /var/lib/hefring-targets/INSTALLATION as root, else
+    /// DATA_DIR/../hefring-targets/INSTALLATION.
+    #[arg(long, env = "HEFRING_TARGETS_ROOT")]
+    pub targets_root: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +209,11 @@ pub struct EngineArgs {
     /// How often (seconds) to look for certificates to renew.
     #[arg(long, env = "HEFRING_CERTIFICATE_CHECK_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub certificate_check_seconds: u64,
+    /// Where build trees are made, outside the data directory (as root, build commands run
+    /// there as the user hefring-build in a bubblewrap sandbox). Default, per installation:
+    /// /var/lib/hefring-builds/INSTALLATION as root, else DATA_DIR/../hefring-builds/INSTALLATION.
+    #[arg(long, env = "HEFRING_BUILD_ROOT")]
+    pub build_root: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

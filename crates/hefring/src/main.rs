@@ -3,6 +3,7 @@
 mod cli;
 mod client;
 mod config;
+mod isolation;
 mod renewal;
 mod serve;
 

@@ -15,6 +15,7 @@ use hefring_queue::{EmbeddedQueue, Queue};
 use hefring_store::{NewOperation, SealedStore, Store, TargetRecord, TokenRecord};
 
 use crate::cli::{EngineArgs, ServeArgs, StateArgs, WorkerArgs};
+use crate::isolation;
 
 /// The data directory, created if needed, as an absolute path. It holds the state, the keys
 /// and every project's mirror: its owner alone may enter it (0700, made so if it was not).
@@ -119,7 +120,7 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
 async fn register_local_target(
     store: &Arc<dyn Store>,
     queue: &Arc<dyn Queue>,
-    data_dir: &Path,
+    root: &Path,
 ) -> Result<()> {
     if store
         .get_setting("local_target_registered")
@@ -136,8 +137,9 @@ async fn register_local_target(
         kind: "server".into(),
         status: "new".into(),
         host: "local".into(),
-        // Short: PHP-FPM's sockets live below the root, and a socket path holds 107 bytes.
-        root: data_dir.join("local").to_string_lossy().into_owned(),
+        // Outside the data directory, so no site on it comes near Hefring's secrets. Short:
+        // PHP-FPM's sockets live below the root, and a socket path holds 107 bytes.
+        root: root.to_string_lossy().into_owned(),
         http_port: 80,
         https_port: 443,
         web_user: "www-data".into(),
@@ -236,6 +238,7 @@ fn artifact_store(args: &EngineArgs) -> Result<Option<Arc<dyn hefring_objects::O
 fn engine_config(
     args: &EngineArgs,
     dir: &Path,
+    installation: &str,
     workers: usize,
     queues: Vec<String>,
     backups: Arc<dyn hefring_objects::ObjectStore>,
@@ -244,6 +247,9 @@ fn engine_config(
     let mut config = EngineConfig::new(dir.to_path_buf());
     config.backups = Some(backups);
     config.artifacts = artifacts;
+    config.build_root = Some(args.build_root.clone().unwrap_or_else(|| {
+        isolation::machine_dir("builds", dir, installation, isolation::is_root())
+    }));
     config.workers = workers;
     config.queues = queues;
     config.task_timeout = Duration::from_secs(args.task_timeout);
@@ -326,8 +332,19 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         }
         None => Arc::new(EmbeddedQueue::new()),
     };
-    register_local_target(&store, &queue, &dir).await?;
+    let installation = isolation::installation_id(&store).await?;
+    let targets_root = args.targets_root.clone().unwrap_or_else(|| {
+        isolation::machine_dir("targets", &dir, &installation, isolation::is_root())
+    });
+    register_local_target(&store, &queue, &targets_root.join("local")).await?;
     queue_isolation(&store, &queue).await?;
+    // Said plainly at start: on this machine, sites cannot be kept apart without root.
+    if !isolation::is_root() {
+        tracing::warn!(
+            "Hefring is not running as root: environments on this machine's targets cannot each have their own user (isolation is impossible here); deploys to a target that requires isolation (the default) are refused. Run as root to host sites, or set isolation: optional on a target only to try Hefring out"
+        );
+        eprintln!("warning: Hefring is not root here, so it cannot isolate sites from one another: deploys to targets that require isolation (the default) will be refused");
+    }
     let backups = backup_store(&args.engine, &dir)?;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -347,6 +364,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         let config = engine_config(
             &args.engine,
             &dir,
+            &installation,
             args.workers,
             queues,
             backups.clone(),
@@ -364,6 +382,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         store,
         queue,
         data_dir: dir.clone(),
+        targets_root,
         backups,
         manual_clock: args.scheduler_clock == "manual",
     };
@@ -372,6 +391,17 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
+    isolation::install_network_rules(
+        "serve",
+        &installation,
+        &state.store,
+        isolation::Services {
+            api: Some(address),
+            broker_url: args.engine.broker_url.as_deref(),
+            database_url: args.state.database_url.as_deref(),
+        },
+    )
+    .await;
     println!(
         "hefring listening on http://{address} (data in {})",
         dir.display()
@@ -426,9 +456,23 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     let (store, _) = open_store(&args.state, &dir).await?;
     let store: Arc<dyn Store> = store;
     let queue = broker(url, args.queues.clone(), args.concurrency).await?;
+    let installation = isolation::installation_id(&store).await?;
+    // The API's address is not known here: a `serve` on this machine confines its own.
+    isolation::install_network_rules(
+        "worker",
+        &installation,
+        &store,
+        isolation::Services {
+            api: None,
+            broker_url: Some(url),
+            database_url: args.state.database_url.as_deref(),
+        },
+    )
+    .await;
     let mut config = engine_config(
         &args.engine,
         &dir,
+        &installation,
         args.concurrency as usize,
         args.queues.clone(),
         backup_store(&args.engine, &dir)?,

@@ -2,11 +2,13 @@
 //! an immutable `tar.zst` artifact named by its SHA-256.
 
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use hefring_backend_server::CommandSpec;
+use hefring_core::isolation::BUILD_USER;
 use hefring_core::manifest::{Manifest, MANIFEST_FILE};
+use hefring_core::sandbox;
 use hefring_core::{new_id, IdKind};
 use hefring_store::ReleaseRecord;
 use serde_json::json;
@@ -17,10 +19,12 @@ use super::project::load_project;
 use crate::run::{
     self, require_success, run_captured, run_logged, TaskContext, TaskError, TaskOutput, TaskResult,
 };
+use crate::sandbox::{BuildMode, BuildUser};
 use crate::time::now_ms;
 
+/// The build's tree, below the build root (outside the data directory).
 fn build_dir(t: &TaskContext<'_>) -> PathBuf {
-    t.ctx.data_dir.join("builds").join(&t.op.id)
+    t.ctx.builds.dir(&t.op.id)
 }
 
 fn state_str<'a>(t: &'a TaskContext<'_>, key: &str) -> Result<&'a str, TaskError> {
@@ -103,39 +107,87 @@ pub async fn resolve_ref(t: &TaskContext<'_>) -> TaskResult {
     ))
 }
 
+/// Checks `commit` out afresh into the build's tree, outside the data directory: the tree of
+/// the commit (`git archive` from the mirror, which Hefring reads; the build user never sees
+/// the mirror or its objects), given to the build user when builds are isolated.
 async fn fresh_checkout(t: &TaskContext<'_>, commit: &str) -> Result<PathBuf, TaskError> {
     let dir = build_dir(t);
+    // Never follows a link a build left: std's remove_dir_all does not.
     let _ = tokio::fs::remove_dir_all(&dir).await;
-    tokio::fs::create_dir_all(dir.parent().expect("builds dir")).await?;
+    tokio::fs::create_dir_all(&t.ctx.builds.root).await?;
     let mirror = git::mirror_path(t.ctx, &t.op.subject_id);
-    let (mirror_s, dir_s) = (
+    // The tree exactly as committed, as a checkout gives it: the commit's own
+    // `.gitattributes` may not drop files (`export-ignore`) or rewrite them (`export-subst`).
+    // Attributes in the mirror's info/ win over the commit's.
+    tokio::fs::create_dir_all(mirror.join("info")).await?;
+    tokio::fs::write(
+        mirror.join("info").join("attributes"),
+        "* -export-ignore -export-subst\n",
+    )
+    .await?;
+    let archive = dir.with_extension("tar");
+    let (mirror_s, archive_s) = (
         mirror.to_string_lossy().to_string(),
-        dir.to_string_lossy().to_string(),
+        archive.to_string_lossy().to_string(),
     );
-    let exec = run::local();
-    let clone = git::git(
+    let spec = git::git(
         t.ctx,
         &[
-            "clone",
-            "--quiet",
-            "--shared",
-            "--no-checkout",
-            "--",
+            "-c",
+            "tar.umask=0022",
+            "--git-dir",
             &mirror_s,
-            &dir_s,
+            "archive",
+            "--format=tar",
+            "-o",
+            &archive_s,
+            commit,
         ],
     );
-    require_success(run_logged(&exec, &clone, t.log).await?, "git clone")?;
-    let checkout = git::git(
-        t.ctx,
-        &["-C", &dir_s, "checkout", "--quiet", "--detach", commit],
-    );
-    require_success(run_logged(&exec, &checkout, t.log).await?, "git checkout")?;
+    require_success(
+        run_logged(&run::local(), &spec, t.log).await?,
+        "git archive",
+    )?;
+    let owner = match &t.ctx.builds.mode {
+        BuildMode::Isolated(user) => Some((user.uid, user.gid)),
+        _ => None,
+    };
+    let unpacked = {
+        let (dir, archive) = (dir.clone(), archive.clone());
+        tokio::task::spawn_blocking(move || unpack_tree(&archive, &dir, owner))
+            .await
+            .map_err(|e| TaskError(format!("unpacking the commit panicked: {e}")))?
+    };
+    let _ = tokio::fs::remove_file(&archive).await;
+    unpacked.map_err(|e| TaskError(format!("checking out {commit}: {e}")))?;
     Ok(dir)
 }
 
+/// Unpacks the commit's tree into a new directory `dir` (only the owner may enter it) and
+/// gives it to `owner`, before any build command has run in it.
+fn unpack_tree(archive: &Path, dir: &Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let mut tar = tar::Archive::new(std::fs::File::open(archive)?);
+    tar.set_preserve_permissions(true);
+    tar.set_unpack_xattrs(false);
+    tar.set_overwrite(false);
+    tar.unpack(dir)?;
+    if let Some((uid, gid)) = owner {
+        crate::sandbox::give_to(dir, uid, gid)?;
+    }
+    Ok(())
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest, TaskError> {
-    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|_| {
+    let path = dir.join(MANIFEST_FILE);
+    // Hefring reads it as root: a link committed in its place (to /etc/shadow) is refused.
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+        return Err(TaskError(format!(
+            "{MANIFEST_FILE} must be a regular file, not a link or a directory"
+        )));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|_| {
         TaskError(format!(
             "{MANIFEST_FILE} is missing at the root of the commit"
         ))
@@ -157,6 +209,18 @@ pub async fn check_out(t: &TaskContext<'_>) -> TaskResult {
 pub async fn run_build_commands(t: &TaskContext<'_>) -> TaskResult {
     let commit = state_str(t, "commit")?;
     let release = state_str(t, "release")?;
+    let builds = &t.ctx.builds;
+    match &builds.mode {
+        BuildMode::Unavailable(reason) => {
+            return Err(TaskError(format!(
+                "builds cannot run confined on this machine: {reason}"
+            )))
+        }
+        BuildMode::NotRoot { uid } => t.log.info(format!(
+            "builds are NOT isolated here: Hefring runs as uid {uid}, not root, so build commands run as its own user and can read what it can"
+        )),
+        BuildMode::Isolated(_) => {}
+    }
     let dir = build_dir(t);
     // A build cut short may have left the tree half-built: start again from the commit.
     let marker = dir.with_extension("started");
@@ -168,14 +232,20 @@ pub async fn run_build_commands(t: &TaskContext<'_>) -> TaskResult {
     tokio::fs::write(&marker, b"").await?;
     let manifest = read_manifest(&dir)?;
     let exec = run::local();
+    let vars = [
+        ("HEFRING_RELEASE", release),
+        ("HEFRING_COMMIT", commit),
+        ("HEFRING_PROJECT", &t.op.subject_id),
+        ("HEFRING_OPERATION", &t.op.id),
+    ];
     for (i, command) in manifest.build.iter().enumerate() {
         t.log.info(format!("$ {}", command.display()));
-        let mut spec = CommandSpec::new(command.argv())
-            .cwd(&dir)
-            .env("HEFRING_RELEASE", release)
-            .env("HEFRING_COMMIT", commit)
-            .env("HEFRING_PROJECT", &t.op.subject_id);
-        spec.env.push(("HEFRING_OPERATION".into(), t.op.id.clone()));
+        let spec = match &builds.mode {
+            BuildMode::Isolated(user) => sandboxed(user, &dir, &vars, command.argv()),
+            _ => CommandSpec::new(command.argv())
+                .cwd(&dir)
+                .envs(vars.iter().map(|(k, v)| (k.to_string(), v.to_string()))),
+        };
         let code = run_logged(&exec, &spec, t.log).await?;
         require_success(
             code,
@@ -184,6 +254,52 @@ pub async fn run_build_commands(t: &TaskContext<'_>) -> TaskResult {
     }
     tokio::fs::remove_file(&marker).await?;
     Ok(TaskOutput::done())
+}
+
+/// A build command as the build user in bubblewrap, with only its own environment: the
+/// build's variables, a system `PATH`, `HOME` in the sandbox's fresh `/tmp`, and the locale,
+/// time zone and proxies Hefring itself was given (registries may only be reachable through
+/// a proxy; its URL then shows in the sandbox's argv).
+fn sandboxed(
+    user: &BuildUser,
+    dir: &Path,
+    vars: &[(&str, &str)],
+    argv: Vec<String>,
+) -> CommandSpec {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), sandbox::SANDBOX_PATH.into()),
+        ("HOME".into(), sandbox::SANDBOX_HOME.into()),
+        ("USER".into(), BUILD_USER.into()),
+        ("LOGNAME".into(), BUILD_USER.into()),
+    ];
+    for name in [
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+    ] {
+        if let Ok(value) = std::env::var(name) {
+            env.push((name.into(), value));
+        }
+    }
+    if !env.iter().any(|(k, _)| k == "LANG") {
+        env.push(("LANG".into(), "C.UTF-8".into()));
+    }
+    env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let dir_s = dir.to_string_lossy();
+    let argv = sandbox::argv(&sandbox::Sandbox {
+        user: BUILD_USER,
+        build_dir: &dir_s,
+        root_entries: &user.root_entries,
+        env: &env,
+        command: &argv,
+    });
+    CommandSpec::new(argv).cwd(dir)
 }
 
 pub async fn pack_artifact(t: &TaskContext<'_>) -> TaskResult {
@@ -317,6 +433,7 @@ pub async fn discard_build(t: &TaskContext<'_>) -> TaskResult {
     let dir = build_dir(t);
     let _ = tokio::fs::remove_dir_all(&dir).await;
     let _ = tokio::fs::remove_file(dir.with_extension("started")).await;
+    let _ = tokio::fs::remove_file(dir.with_extension("tar")).await;
     let _ = tokio::fs::remove_file(
         t.ctx
             .data_dir

@@ -94,7 +94,29 @@ pub async fn inspect_system(t: &TaskContext<'_>) -> TaskResult {
             if *up { "up" } else { "down" }
         ));
     }
-    let missing = target::missing_requirements(&found);
+    let mut missing = target::missing_requirements(&found);
+    // Each environment is its own Unix user, which only root can make.
+    let (code, uid) = run_captured(exec.as_ref(), &CommandSpec::new(["id", "-u"]), t.log).await?;
+    let is_root = code == Some(0) && uid.trim() == "0";
+    let isolation = if is_root {
+        t.log.info(
+            "isolation: possible (Hefring is root there: each environment gets its own user)",
+        );
+        "possible"
+    } else {
+        match target.settings.isolation {
+            hefring_core::target::Isolation::Required => {
+                t.log.info(
+                    "isolation: impossible, Hefring is not root there, and the target requires it: deploys will be refused",
+                );
+                missing.push("root (isolation is required: each environment needs its own user)".into());
+            }
+            hefring_core::target::Isolation::Optional => t.log.info(
+                "isolation: impossible, Hefring is not root there: every site would run as Hefring's own user and could read the others' (isolation: optional)",
+            ),
+        }
+        "impossible"
+    };
     // Hefring's own servers on the target (started by the first deploy), by their pid files.
     let layout = hefring_core::environment::Layout::new(target.root.clone());
     let (code, out) = run_captured(
@@ -131,6 +153,7 @@ pub async fn inspect_system(t: &TaskContext<'_>) -> TaskResult {
         "tools": found.tools.iter().map(|(n, p)| (n.clone(), json!(p))).collect::<serde_json::Map<_, _>>(),
         "services": found.services.iter().map(|(n, up)| (n.clone(), json!(up))).collect::<serde_json::Map<_, _>>(),
         "missing": missing,
+        "isolation": isolation,
     }));
     if missing.is_empty() {
         save(t, target, "ready").await?;

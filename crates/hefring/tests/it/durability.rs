@@ -9,11 +9,10 @@ use crate::harness::{attempts, Repo, Server};
 #[tokio::test]
 async fn killed_mid_task_the_operation_resumes_at_that_task_after_a_restart() {
     let mut server = Server::start().await;
-    let started = server.data_dir().join("build-started");
-    let repo = Repo::new(&format!(
-        "runtime: php\nbuild:\n  - touch {}; sleep 2; mkdir -p out; echo done > out/result\n",
-        started.display()
-    ));
+    // A build writes only its own tree (below the build root, named by the operation).
+    let repo = Repo::new(
+        "runtime: php\nbuild:\n  - touch build-started; sleep 2; mkdir -p out; echo done > out/result\n",
+    );
     let project = server
         .create("/projects", json!({"name": "p", "git_url": repo.url()}))
         .await;
@@ -25,6 +24,12 @@ async fn killed_mid_task_the_operation_resumes_at_that_task_after_a_restart() {
         )
         .await;
     let id = op["id"].as_str().unwrap().to_string();
+    let started = server
+        .outside
+        .path()
+        .join("builds")
+        .join(&id)
+        .join("build-started");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !started.exists() {
         assert!(

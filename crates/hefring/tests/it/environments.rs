@@ -261,7 +261,7 @@ pub async fn page(client: &reqwest::Client, url: &str) -> (StatusCode, String) {
     (status, response.text().await.unwrap())
 }
 
-async fn deploy(server: &Server, env: &str, release: &str, action: &str) -> Value {
+pub async fn deploy(server: &Server, env: &str, release: &str, action: &str) -> Value {
     let op = server
         .start_op(
             &format!("/environments/{env}/{action}"),

@@ -1,6 +1,7 @@
 //! A real `hefring serve` on 127.0.0.1:0 with its own data directory, driven over HTTP.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,6 +16,9 @@ pub struct Server {
     pub url: String,
     pub token: String,
     pub dir: tempfile::TempDir,
+    /// The installation's directories outside its data directory (build trees, the `local`
+    /// target), as `/var/lib/hefring/...` would be: searchable by others, not listable.
+    pub outside: tempfile::TempDir,
     args: Vec<String>,
     http: reqwest::Client,
 }
@@ -31,11 +35,17 @@ impl Server {
             .tempdir()
             .unwrap();
         let token = create_token(dir.path(), &[]);
+        let outside = tempfile::Builder::new()
+            .prefix("hefring-out-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
         let mut server = Server {
             child: None,
             url: String::new(),
             token,
             dir,
+            outside,
             args: args.iter().map(|s| s.to_string()).collect(),
             http: reqwest::Client::new(),
         };
@@ -65,6 +75,8 @@ impl Server {
             .arg(self.dir.path())
             .args(&self.args)
             .env_remove("HEFRING_FAULT_CRASH_AT")
+            .env("HEFRING_BUILD_ROOT", self.outside.path().join("builds"))
+            .env("HEFRING_TARGETS_ROOT", self.outside.path().join("targets"))
             .stdout(Stdio::piped())
             .stderr(stderr);
         for (k, v) in env {
@@ -225,7 +237,32 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+        // The server's network rules outlive it (they are the machine's): remove its table.
+        for table in nft_tables(&self.log()) {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", &table])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// The nftables tables a server's log says it installed rules in.
+pub fn nft_tables(log: &str) -> Vec<String> {
+    let mut tables: Vec<String> = log
+        .split("nftables table inet ")
+        .skip(1)
+        .filter_map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            name.starts_with("hefring_").then_some(name)
+        })
+        .collect();
+    tables.sort();
+    tables.dedup();
+    tables
 }
 
 /// `hefring admin create-token` for the state in `data_dir` (or the `--database-url` in

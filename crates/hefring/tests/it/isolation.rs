@@ -78,13 +78,7 @@ async fn environment(server: &Server, name: &str, project: &str, target: &str) -
 }
 
 async fn deploy(server: &Server, env: &str, release: &str) -> Value {
-    let op = server
-        .start_op(
-            &format!("/environments/{env}/deploy"),
-            Some(json!({"release": release})),
-        )
-        .await;
-    server.wait_op(op["id"].as_str().unwrap()).await
+    crate::environments::deploy(server, env, release, "deploy").await
 }
 
 fn owner_of(path: &Path) -> u32 {
@@ -117,6 +111,11 @@ foreach ($paths as $p) {
 $out[] = 'environ: ' . shell_exec('cat /proc/[0-9]*/environ 2>/dev/null | tr "\0" "\n"');
 $s = @stream_socket_client("unix://$root/php-fpm/sock/$v.sock", $e, $es, 1);
 $out[] = 'socket=' . ($s ? 'connected' : 'refused');
+$api = @stream_socket_client('tcp://127.0.0.1:' . $_GET['api'], $e, $es, 2);
+$out[] = 'api=' . ($api ? 'connected' : 'refused');
+$meta = @stream_socket_client('tcp://169.254.169.254:80', $e, $es, 2);
+$out[] = 'metadata=' . ($meta ? 'connected' : 'refused');
+$out[] = 'state: ' . shell_exec('cat ' . escapeshellarg($_GET['db']) . ' 2>&1 | head -c 200');
 file_put_contents(getenv('FILES_DIR') . '/uploads/x.php', '<?php echo "EXECUTED-" . (6 * 7);');
 @symlink('/etc/passwd', getenv('FILES_DIR') . '/uploads/pw.txt');
 echo implode("\n", $out), "\n";
@@ -194,10 +193,12 @@ async fn a_hostile_site_reads_nothing_of_its_neighbour_and_root_keeps_its_files(
     let client = site_client(&["victim.iso.test", "attacker.iso.test"], http, None);
     let (status, _) = page(&client, &format!("http://victim.iso.test:{http}/")).await;
     assert!(status.is_success());
+    let api_port = server.url.rsplit(':').next().unwrap().trim_end_matches('/');
     let url = format!(
-        "http://attacker.iso.test:{http}/attack.php?victim={victim}&root={}&canary={}",
+        "http://attacker.iso.test:{http}/attack.php?victim={victim}&root={}&canary={}&api={api_port}&db={}",
         root.path().display(),
-        canary.path.display()
+        canary.path.display(),
+        server.data_dir().join("hefring.db").display()
     );
     let (status, report) = page(&client, &url).await;
     assert!(status.is_success(), "{status} {report}");
@@ -212,6 +213,11 @@ async fn a_hostile_site_reads_nothing_of_its_neighbour_and_root_keeps_its_files(
         );
     }
     assert!(report.contains("socket=refused"), "{report}");
+    // Nor Hefring's API, its state or a metadata service (nftables on the site's uid, the
+    // data directory 0700).
+    assert!(report.contains("api=refused"), "{report}");
+    assert!(report.contains("metadata=refused"), "{report}");
+    assert!(!report.contains("SQLite format"), "{report}");
 
     // What the site wrote is never run as PHP, and a link it made to a file it does not own is
     // never served.

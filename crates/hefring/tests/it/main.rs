@@ -3,6 +3,7 @@
 
 mod api;
 mod backups;
+mod build_sandbox;
 mod cli;
 mod distributed;
 mod durability;

@@ -212,10 +212,11 @@ async fn a_release_build_records_the_commit_and_an_immutable_artifact_reused_for
 #[tokio::test]
 async fn a_failed_build_rolls_back_and_a_retry_resumes_at_the_failed_task_keeping_the_old_log() {
     let server = Server::start().await;
-    let flag = server.data_dir().join("allow-build");
+    // The flag the build looks for: a port on loopback that something listens on (a build
+    // sees no file outside its tree).
+    let flag = crate::environments::free_port();
     let manifest = format!(
-        "runtime: php\nbuild:\n  - echo step-one\n  - [sh, -c, \"test -f {} || {{ echo missing flag >&2; exit 7; }}\"]\n",
-        flag.display()
+        "runtime: php\nbuild:\n  - echo step-one\n  - [bash, -c, \"(exec 3<>/dev/tcp/127.0.0.1/{flag}) 2>/dev/null || {{ echo missing flag >&2; exit 7; }}\"]\n"
     );
     let repo = Repo::new(&manifest);
     let project = add_project(&server, "flaky", &repo).await;
@@ -246,7 +247,7 @@ async fn a_failed_build_rolls_back_and_a_retry_resumes_at_the_failed_task_keepin
     let id = failed["id"].as_str().unwrap();
 
     // Retrying a failed operation while it is not failed is refused; a retry now resumes.
-    std::fs::write(&flag, "").unwrap();
+    let listening = std::net::TcpListener::bind(("127.0.0.1", flag)).unwrap();
     let retried = server
         .start_op(&format!("/operations/{id}/retry"), None)
         .await;
@@ -282,7 +283,7 @@ async fn a_failed_build_rolls_back_and_a_retry_resumes_at_the_failed_task_keepin
 
     // Building the same commit again, with the flag gone: the ready release is reused, so
     // the failing build command does not run at all.
-    std::fs::remove_file(&flag).unwrap();
+    drop(listening);
     let failed = build(&server, &project, "main").await;
     assert_eq!(
         failed["status"], "succeeded",
@@ -313,10 +314,16 @@ async fn retry_from_start_runs_every_task_again() {
 #[tokio::test]
 async fn cancel_kills_the_running_command_runs_the_rollback_and_ends_cancelled() {
     let server = Server::start().await;
-    let marker = server.data_dir().join("build-finished");
+    // A name no other process has in its command line.
+    let marker = format!(
+        "build-finished-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
     let repo = Repo::new(&format!(
-        "runtime: php\nbuild:\n  - echo started\n  - sleep 30; touch {}\n",
-        marker.display()
+        "runtime: php\nbuild:\n  - echo started\n  - sleep 30; touch {marker}\n"
     ));
     let project = add_project(&server, "slow", &repo).await;
     let op = server
@@ -352,14 +359,12 @@ async fn cancel_kills_the_running_command_runs_the_rollback_and_ends_cancelled()
         ]
     );
     assert_eq!(done["tasks"][4]["name"], "discard_build");
-    assert!(
-        !server.data_dir().join("builds").join(id).exists(),
-        "the rollback removed the build tree"
-    );
+    let tree = server.outside.path().join("builds").join(id);
+    assert!(!tree.exists(), "the rollback removed the build tree");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!marker.exists());
+    assert!(!tree.join(&marker).exists());
     let ps = std::process::Command::new("pgrep")
-        .args(["-f", &marker.display().to_string()])
+        .args(["-f", &marker])
         .output()
         .unwrap();
     assert!(
@@ -376,13 +381,10 @@ async fn cancel_kills_the_running_command_runs_the_rollback_and_ends_cancelled()
 #[tokio::test]
 async fn operations_on_one_subject_wait_their_turn_and_other_subjects_run_in_parallel() {
     let server = Server::start().await;
-    let stamps = server.data_dir().join("stamps");
-    std::fs::create_dir_all(&stamps).unwrap();
-    let manifest = format!(
-        "runtime: php\nbuild:\n  - echo \"$HEFRING_OPERATION start $(date +%s%N)\" >> {0}/$HEFRING_PROJECT; sleep 1; echo \"$HEFRING_OPERATION end $(date +%s%N)\" >> {0}/$HEFRING_PROJECT\n",
-        stamps.display()
-    );
-    let repo = Repo::new(&manifest);
+    // Each build says when it starts and ends, in its log (a build writes no file outside
+    // its own tree).
+    let manifest = "runtime: php\nbuild:\n  - echo \"stamp start $(date +%s%N)\"; sleep 1; echo \"stamp end $(date +%s%N)\"\n";
+    let repo = Repo::new(manifest);
     repo.git(&["branch", "other"]);
     repo.commit(&[("changed.txt", "x")]);
     let a = add_project(&server, "a", &repo).await;
@@ -425,26 +427,27 @@ async fn operations_on_one_subject_wait_their_turn_and_other_subjects_run_in_par
         .await;
     assert_eq!(queued["items"][0]["id"], second["id"], "{queued}");
 
+    let mut logs = Vec::new();
     for op in [&first, &second, &third] {
-        let done = server.wait_op(op["id"].as_str().unwrap()).await;
+        let id = op["id"].as_str().unwrap();
+        let done = server.wait_op(id).await;
         assert_eq!(done["status"], "succeeded", "{done}");
+        logs.push(server.log_text(id).await);
     }
-    let interval = |project: &str, op: &Value| -> (u128, u128) {
-        let text = std::fs::read_to_string(stamps.join(project)).unwrap();
+    let interval = |text: &str| -> (u128, u128) {
         let stamp = |what: &str| -> u128 {
             text.lines()
-                .find(|l| l.starts_with(&format!("{} {what} ", op["id"].as_str().unwrap())))
-                .unwrap_or_else(|| panic!("no {what} for {op} in {text}"))
-                .rsplit(' ')
-                .next()
-                .unwrap()
+                .find_map(|l| l.split_once(&format!("stdout stamp {what} ")))
+                .unwrap_or_else(|| panic!("no {what} in {text}"))
+                .1
+                .trim()
                 .parse()
                 .unwrap()
         };
         (stamp("start"), stamp("end"))
     };
-    let (a1, a2) = (interval(&a, &first), interval(&a, &second));
-    let b1 = interval(&b, &third);
+    let (a1, a2) = (interval(&logs[0]), interval(&logs[1]));
+    let b1 = interval(&logs[2]);
     assert!(
         a1.1 <= a2.0 || a2.1 <= a1.0,
         "two builds of one project overlapped: {a1:?} {a2:?}"

@@ -17,7 +17,7 @@ use crate::harness::Server;
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// Random hex from the kernel: passwords nobody could guess or find by accident.
-fn random_hex(bytes: usize) -> String {
+pub(crate) fn random_hex(bytes: usize) -> String {
     use std::io::Read;
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")
@@ -45,14 +45,14 @@ fn check(out: Output, what: &str) -> String {
 
 /// A private PostgreSQL 15 cluster on 127.0.0.1:`port` whose every connection needs a
 /// scram-sha-256 password; stopped and removed when dropped.
-struct ScramCluster {
+pub(crate) struct ScramCluster {
     dir: tempfile::TempDir,
-    port: u16,
-    password: String,
+    pub(crate) port: u16,
+    pub(crate) password: String,
 }
 
 impl ScramCluster {
-    fn start() -> ScramCluster {
+    pub(crate) fn start() -> ScramCluster {
         let dir = tempfile::Builder::new()
             .prefix("hefring-pg-")
             .tempdir_in("/tmp")
