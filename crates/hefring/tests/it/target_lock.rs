@@ -14,11 +14,15 @@ struct LockHolder(Child);
 
 impl LockHolder {
     fn take(lock: &std::path::Path) -> LockHolder {
-        let child = Command::new("flock")
-            .arg(lock)
-            .args(["sleep", "600"])
-            .spawn()
-            .unwrap();
+        // Held by the guard from the start, so that it is killed and waited for whatever
+        // happens next.
+        let holder = LockHolder(
+            Command::new("flock")
+                .arg(lock)
+                .args(["sleep", "600"])
+                .spawn()
+                .unwrap(),
+        );
         // flock has the lock once `sleep` runs under it.
         for _ in 0..100 {
             let held = Command::new("flock")
@@ -28,7 +32,7 @@ impl LockHolder {
                 .status()
                 .unwrap();
             if held.code() == Some(99) {
-                return LockHolder(child);
+                return holder;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
