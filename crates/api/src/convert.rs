@@ -25,6 +25,7 @@ pub fn target(t: TargetRecord) -> wire::Target {
     };
     wire::Target {
         queue,
+        isolation: t.settings.isolation.as_str().to_string(),
         id: t.id,
         name: t.name,
         kind: t.kind,

@@ -92,6 +92,16 @@ impl App {
         }
         let mut settings = target_settings(body.mariadb, body.postgresql, body.system_nginx);
         settings.own_queue = body.own_queue;
+        settings.isolation = match body.isolation.as_deref() {
+            None | Some("required") => hefring_core::target::Isolation::Required,
+            Some("optional") => hefring_core::target::Isolation::Optional,
+            Some(other) => {
+                return Err(AppError::invalid(
+                    "isolation",
+                    format!("{other:?} is not required or optional"),
+                ))
+            }
+        };
         settings.check()?;
         let now = now_ms();
         let id = new_id(IdKind::Target, now);

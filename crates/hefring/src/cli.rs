@@ -261,6 +261,10 @@ pub enum TargetCommand {
         /// Pin this host key (`TYPE BASE64`) instead of trusting the first one seen.
         #[arg(long)]
         host_key: Option<String>,
+        /// `required` (default): each environment its own user, deploys refused where Hefring
+        /// is not root; `optional`: every site as Hefring's user there (never for hosting).
+        #[arg(long, value_parser = ["required", "optional"])]
+        isolation: Option<String>,
     },
     List,
     Show {

@@ -334,9 +334,11 @@ pub async fn target(args: ClientArgs, command: TargetCommand) -> Result<i32> {
             https_port,
             web_user,
             host_key,
+            isolation,
         } => {
             let body = json!({ "name": name, "kind": "server", "host": host, "root": root,
-                "http_port": http_port, "https_port": https_port, "web_user": web_user, "host_key": host_key });
+                "http_port": http_port, "https_port": https_port, "web_user": web_user, "host_key": host_key,
+                "isolation": isolation });
             let body = strip_nulls(body);
             let value = client.send(Method::POST, "/targets", Some(body)).await?;
             let t: Target = serde_json::from_value(value.clone())?;

@@ -73,6 +73,10 @@ pub struct Target {
     pub system_nginx: Option<SystemNginx>,
     /// The queue its operations go to (`hefring`, or `hefring.target.<id>` with `own_queue`).
     pub queue: String,
+    /// `required` (the default): each environment runs as its own Unix user, and a deploy is
+    /// refused where Hefring is not root. `optional`: where Hefring is not root, every site
+    /// runs as Hefring's own user (for trying Hefring out, never for hosting).
+    pub isolation: String,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -138,6 +142,8 @@ pub struct CreateTarget {
     /// `hefring.target.<id>`, for workers started with `--queues hefring.target.<id>`.
     #[serde(default)]
     pub own_queue: bool,
+    /// `required` (default) or `optional`: see [`Target::isolation`].
+    pub isolation: Option<String>,
 }
 
 fn default_kind() -> String {

@@ -411,3 +411,30 @@ async fn an_environment_deployed_before_isolation_moves_to_its_own_user_at_upgra
         .count();
     assert_eq!(count, 1);
 }
+
+/// A target requires isolation unless told otherwise; the setting is shown and checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_requires_isolation_by_default_and_says_whether_it_is_possible() {
+    let server = Server::start().await;
+    let root = target_root();
+    let (target, _, _) = local_target(&server, "plain", root.path()).await;
+    let (_, shown) = server.get(&format!("/targets/{target}")).await;
+    assert_eq!(shown["isolation"], "required", "{shown}");
+    // Hefring is root here: its verify found isolation possible.
+    assert_eq!(shown["inspection"]["isolation"], "possible", "{shown}");
+    let optional = server
+        .create(
+            "/targets",
+            json!({"name": "trial", "host": "local", "root": "/tmp/hefring-trial", "isolation": "optional"}),
+        )
+        .await;
+    assert_eq!(optional["isolation"], "optional", "{optional}");
+    let (status, refused) = server
+        .post(
+            "/targets",
+            json!({"name": "odd", "host": "local", "root": "/tmp/hefring-odd", "isolation": "sometimes"}),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 422, "{refused}");
+    assert_eq!(refused["error"]["field"], "isolation", "{refused}");
+}
