@@ -1099,11 +1099,16 @@ pub async fn unpack_release(t: &TaskContext<'_>) -> TaskResult {
     let sha = release.artifact_sha256.clone().unwrap_or_default();
     let dir = layout.release_dir(site.id(), &release.id);
     let local_artifact = t.ctx.local_artifact(&sha).await?;
-    {
+    // Checked once per artifact (its manifest is inside it, so the verdict cannot change):
+    // the mark lives beside it in the data directory, which only Hefring writes.
+    let checked_mark = local_artifact.with_extension("checked");
+    if !checked_mark.exists() {
         let manifest = manifest.clone();
-        tokio::task::spawn_blocking(move || check_artifact(&local_artifact, &manifest))
+        let artifact = local_artifact.clone();
+        tokio::task::spawn_blocking(move || check_artifact(&artifact, &manifest))
             .await
             .map_err(|e| TaskError(format!("checking the artifact: {e}")))??;
+        tokio::fs::write(&checked_mark, b"").await?;
     }
     site.environment_dirs().await?;
     let artifact = layout.artifact(&sha);
