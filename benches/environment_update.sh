@@ -31,10 +31,23 @@ root="$work/root"
 mkdir -p "$root"
 chmod 755 "$root"
 server_pid=""
+# The network rules' tables there before, so that only this run's goes afterwards.
+tables_before=$(nft list tables 2>/dev/null | awk '/hefring_/{print $3}' || true)
 cleanup() {
   [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null || true
   for pid_file in "$root/nginx/nginx.pid" "$root/php-fpm/php-fpm.pid"; do
     [ -f "$pid_file" ] && kill "$(cat "$pid_file")" 2>/dev/null || true
+  done
+  # Each environment's own user, and this server's nftables table.
+  for dir in "$root"/environments/env_*; do
+    [ -d "$dir" ] || continue
+    user="hf-$(basename "$dir" | cut -d_ -f2)"
+    pkill -KILL -u "$user" 2>/dev/null || true
+    userdel -f "$user" 2>/dev/null || true
+    groupdel "$user" 2>/dev/null || true
+  done
+  for table in $(nft list tables 2>/dev/null | awk '/hefring_/{print $3}'); do
+    echo "$tables_before" | grep -qx "$table" || nft delete table inet "$table" 2>/dev/null || true
   done
   rm -rf "$work"
 }
