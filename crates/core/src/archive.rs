@@ -151,6 +151,24 @@ fn is_within(path: &[String], dir: &[String]) -> bool {
     path.len() >= dir.len() && path[..dir.len()] == *dir
 }
 
+/// Refuses an entry stored below a link of the archive (`d -> .`, then `d/x`): the checks
+/// resolve names as written, while tar would follow the link it had just made, so every
+/// entry must stand in real directories.
+fn check_parents(tree: &Tree, entries: &[Entry]) -> Result<(), ArchiveError> {
+    for entry in entries {
+        let parts = components(&entry.path)?;
+        if parts.len() > 1 {
+            if let Some(link) = tree.link_on_the_way(&parts[..parts.len() - 1]) {
+                return Err(refuse(
+                    &entry.path,
+                    format!("lies below the link {}", link.join("/")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a release artifact's entries against the trust rules above, for the manifest's
 /// `docroot` and `writable` paths (already validated as relative paths without `..`).
 pub fn check_release(
@@ -185,6 +203,7 @@ pub fn check_release(
             ));
         }
     }
+    check_parents(&tree, entries)?;
     let writable: Vec<Vec<String>> = writable
         .iter()
         .map(|w| components(w))
@@ -209,11 +228,17 @@ pub fn check_release(
         }
         let shown = path.join("/");
         let resolved = tree.resolve_link(path).map_err(|why| refuse(&shown, why))?;
+        // Into a writable path, or to a directory holding one: either way the site's files
+        // would be reachable under another URL, where nginx does not keep them from PHP.
         let inside_writable = writable.iter().any(|w| is_within(path, w));
-        if !inside_writable && writable.iter().any(|w| is_within(&resolved, w)) {
+        if !inside_writable
+            && writable
+                .iter()
+                .any(|w| is_within(&resolved, w) || is_within(w, &resolved))
+        {
             return Err(refuse(
                 &shown,
-                "leads into a writable path, whose files the site writes and PHP must never run",
+                "leads into a writable path or a directory holding one, whose files the site writes and PHP must never run",
             ));
         }
     }
@@ -233,6 +258,7 @@ const BACKUP_TOP: [&str; 4] = [
 /// `files/`; no hard link, device or fifo; no absolute name or `..`.
 pub fn check_backup(entries: &[Entry]) -> Result<(), ArchiveError> {
     let tree = Tree::new(entries)?;
+    check_parents(&tree, entries)?;
     let files_dir = vec![crate::backup::FILES_DIR.to_string()];
     for entry in entries {
         let parts = components(&entry.path)?;
@@ -396,6 +422,32 @@ mod tests {
         // A link into the writable path, from outside it, would let PHP run uploads.
         let into = release(&[dir("web"), dir("web/files"), link("web/up", "files")]).unwrap_err();
         assert!(into.contains("writable"), "{into}");
+        // A link to a directory holding the writable path (a multisite alias of `web`).
+        let parent = release(&[dir("web"), dir("web/files"), link("web/site", ".")]).unwrap_err();
+        assert!(parent.contains("holding one"), "{parent}");
+    }
+
+    #[test]
+    fn entries_below_a_link_are_refused() {
+        // `d -> .` made first, then a link written through it: the name looks harmless, the
+        // place tar puts it is not.
+        let entries = [
+            dir("web"),
+            link("d", "."),
+            link("d/d/d/web2", "../../../.."),
+        ];
+        let error = release(&entries).unwrap_err();
+        assert!(error.contains("lies below the link d"), "{error}");
+        let backup = [
+            file("manifest.json"),
+            dir("files"),
+            link("files/d", "."),
+            file("files/d/x"),
+        ];
+        assert!(check_backup(&backup)
+            .unwrap_err()
+            .to_string()
+            .contains("below the link"));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::environment::{
     dump_command, load_command, manifest, mariadb_admin, psql_admin, psql_admin_on, run_sql,
-    served_release, Site,
+    served_release, DumpIn, Site,
 };
 use crate::run::{require_success, run_captured, TaskContext, TaskError, TaskOutput, TaskResult};
 use crate::time::now_ms;
@@ -311,6 +311,8 @@ echo "sha256 $(digest "$listing" | cut -d' ' -f1)"
 /// (Its SHA-256 is taken while it is stored, when the cores are no longer busy compressing.)
 const PACK: &str = r#"set -e
 umask 077
+# tar runs as the site's user, who may not enter Hefring's own working directory.
+cd /
 out=$1; level=$2; shift 2
 rm -f "$out.status" "$out.failed"
 { "$@" && s=0 || s=$?; echo "$s" > "$out.status"; } \
@@ -440,15 +442,17 @@ async fn pack_step(
 ) -> Result<(BackupManifest, u64), TaskError> {
     let (stage, archive) = stage_of(site, &backup.id);
     let layout = site.layout();
-    let group = site.account().map(|(_, g)| g);
-    if let (Some(group), Some(part)) = (&group, &database) {
+    // Root's dump and manifest, in root's stage (0750: tar opens the directories it packs
+    // from): given to the site's user alone, who reads them into the archive. Not to its
+    // group, which nginx's user shares with every environment.
+    let owner = site.owner();
+    if let (Some(owner), Some(part)) = (&owner, &database) {
         if part.kind != DatabaseKind::Sqlite {
-            // Root's dump, in root's stage: the site's user reads it into the archive.
             site.server
                 .sh(
                     "letting the site's user read the dump",
-                    r#"set -e; chgrp "$1" "$2"; chmod 640 "$2""#,
-                    &[group, &format!("{stage}/{}", part.file)],
+                    r#"set -e; chown "$1" "$2"; chmod 600 "$2""#,
+                    &[owner, &format!("{stage}/{}", part.file)],
                 )
                 .await?;
         }
@@ -490,8 +494,8 @@ async fn pack_step(
         .write_file(
             &format!("{stage}/{}", backup::MANIFEST_FILE),
             &manifest_json,
-            if group.is_some() { "640" } else { "600" },
-            group.map(|g| format!("root:{g}")).as_deref(),
+            "600",
+            owner.as_deref(),
         )
         .await?;
     let mut tar = vec![
@@ -1055,7 +1059,7 @@ pub async fn fetch_backup(t: &TaskContext<'_>) -> TaskResult {
             "preparing the restore",
             r#"set -e; archive=$1; work=$2; owner=$3; group=$4
 rm -rf "$work"; mkdir -m 700 "$work"
-if [ -n "$owner" ]; then chown -h "$owner" "$work"; chgrp "$group" "$archive"; chmod 640 "$archive"; fi"#,
+if [ -n "$owner" ]; then chown -h "$owner" "$work"; chown "$owner" "$archive"; chmod 600 "$archive"; fi"#,
             &[&archive, &work, &owner, &group],
         )
         .await?;
@@ -1144,7 +1148,7 @@ pub async fn restore_database(t: &TaskContext<'_>) -> TaskResult {
                 "emptying the MariaDB database",
             )
             .await?;
-            let spec = load_command(&site, &access, &dump);
+            let spec = load_command(&site, &access, &dump, DumpIn::SitesFile);
             require_success(site.server.run(&spec).await?, "loading the dump")?;
         }
         DatabaseKind::Postgresql => {
@@ -1159,7 +1163,7 @@ pub async fn restore_database(t: &TaskContext<'_>) -> TaskResult {
                 "emptying the PostgreSQL database",
             )
             .await?;
-            let spec = load_command(&site, &access, &dump);
+            let spec = load_command(&site, &access, &dump, DumpIn::SitesFile);
             require_success(site.server.run(&spec).await?, "loading the dump")?;
         }
         DatabaseKind::Sqlite => {

@@ -171,6 +171,11 @@ impl<'a> Site<'a> {
             let mut argv = vec!["runuser".to_string(), "-u".into(), user, "--".into()];
             argv.append(&mut spec.argv);
             spec.argv = argv;
+            // Somewhere the site's user may stand (Hefring's own directory is not: tar, for
+            // one, refuses to start where it cannot open its working directory).
+            if spec.cwd.is_none() {
+                spec.cwd = Some("/".into());
+            }
         }
         spec
     }
@@ -693,13 +698,24 @@ for d in "$env/releases"/*; do
   chgrp -hR "$user" "$d"; chmod -R o-rwx,go-w "$d"
   find "$d" -type l -lname "$env/files/*" -exec chown -h "$user:$user" {} +
 done
+# A file hard-linked from elsewhere (every site ran as one user, so one could link another's
+# files into its own) would be handed over with the rest: refused, named, nothing changed.
+for d in files database; do
+  [ -d "$env/$d" ] || continue
+  shared=$(find "$env/$d" -xdev -type f -links +1 -print | head -n 5)
+  if [ -n "$shared" ]; then
+    echo "files with other hard links (shared with another file, perhaps another site's); remove them and retry:" >&2
+    echo "$shared" >&2
+    exit 1
+  fi
+done
 for d in files database tmp; do
   [ -L "$env/$d" ] && { echo "$env/$d is a link" >&2; exit 1; }
   mkdir -p "$env/$d"
   chown -hR "$user:$user" "$env/$d"
 done
-chmod 750 "$env/files" "$env/database"; chmod 700 "$env/tmp"
-if [ -d "$env/dumps" ]; then chown -hR "root:$user" "$env/dumps"; chmod 750 "$env/dumps"; fi
+chmod 750 "$env/files"; chmod 700 "$env/database" "$env/tmp"
+if [ -d "$env/dumps" ]; then chown -h root:root "$env/dumps"; chmod 700 "$env/dumps"; fi
 "#;
 
 pub async fn hand_over_files(t: &TaskContext<'_>) -> TaskResult {
@@ -814,14 +830,30 @@ pub(super) fn dump_command(site: &Site<'_>, access: &DatabaseAccess, path: &str)
     }
 }
 
+/// Who opens a dump being loaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum DumpIn {
+    /// A safety dump in root's directory, readable by root alone: root opens it and hands it
+    /// to the loader on its standard input.
+    RootsFile,
+    /// A dump the site's user unpacked into its own directory: the site's user opens it (root
+    /// never reads through a path the site controls).
+    SitesFile,
+}
+
 /// The command that loads a dump made by [`dump_command`] into the environment's database,
 /// as the environment's own database user and Unix user: a dump holds what the site put in
 /// its database, so it runs with the site's rights, never the admin's (no `GRANT`, no other
 /// database, no `\!` shell escape as root). It owns what the dump creates, as it owned what
-/// was dumped. The site's user opens the dump file, which must be readable to it.
-pub(super) fn load_command(site: &Site<'_>, access: &DatabaseAccess, dump: &str) -> CommandSpec {
+/// was dumped.
+pub(super) fn load_command(
+    site: &Site<'_>,
+    access: &DatabaseAccess,
+    dump: &str,
+    opened_by: DumpIn,
+) -> CommandSpec {
     let target = &site.server.target;
-    let spec = match access.kind {
+    let client = match access.kind {
         DatabaseKind::Postgresql => CommandSpec::new([
             tool(target, "psql"),
             "-X".into(),
@@ -832,20 +864,11 @@ pub(super) fn load_command(site: &Site<'_>, access: &DatabaseAccess, dump: &str)
             format!("--port={}", access.port),
             format!("--username={}", access.user),
             format!("--dbname={}", access.name),
-            format!("--file={dump}"),
         ])
         .env("PGPASSWORD", &access.password),
         _ => {
             let admin = &target.settings.mariadb;
-            let mut argv = vec![
-                "sh".to_string(),
-                "-c".into(),
-                // The dump is the input; through a shell so that it streams from the file.
-                r#"f=$1; shift; exec "$@" < "$f""#.into(),
-                "sh".into(),
-                dump.to_string(),
-                tool(target, "mariadb"),
-            ];
+            let mut argv = vec![tool(target, "mariadb")];
             match (&admin.socket, &admin.host) {
                 (Some(socket), _) => {
                     argv.extend(["--protocol=socket".into(), format!("--socket={socket}")])
@@ -863,7 +886,23 @@ pub(super) fn load_command(site: &Site<'_>, access: &DatabaseAccess, dump: &str)
             CommandSpec::new(argv).env("MYSQL_PWD", &access.password)
         }
     };
-    site.as_site_user(spec)
+    // The dump is the loader's input, streamed from the file by a shell of whoever opens it.
+    let from_file = |mut inner: CommandSpec| {
+        let mut argv = vec![
+            "sh".to_string(),
+            "-c".into(),
+            r#"f=$1; shift; exec "$@" < "$f""#.into(),
+            "sh".into(),
+            dump.to_string(),
+        ];
+        argv.append(&mut inner.argv);
+        inner.argv = argv;
+        inner
+    };
+    match opened_by {
+        DumpIn::RootsFile => from_file(site.as_site_user(client)),
+        DumpIn::SitesFile => site.as_site_user(from_file(client)),
+    }
 }
 
 pub(super) async fn run_sql(
@@ -941,7 +980,8 @@ pub async fn create_database(t: &TaskContext<'_>) -> TaskResult {
         DatabaseKind::Sqlite => {
             let dir = site.layout().sqlite_dir(site.id());
             site.environment_dirs().await?;
-            site.site_owned_dir(&dir, "750").await?;
+            // Not even nginx's user reads it (it is in every environment's group).
+            site.site_owned_dir(&dir, "700").await?;
             t.log.info(format!("SQLite database at {}", access.path));
         }
         DatabaseKind::None => unreachable!("handled above"),
@@ -1015,11 +1055,22 @@ chmod "$mode" "$dir""#,
 /// owns the persistent directory (root never writes there: a link the site planted would
 /// redirect its writes). Then the release is renamed into place.
 const UNPACK: &str = r#"set -e
-artifact=$1; release=$2; files=$3; user=$4; group=$5; shift 5
+artifact=$1; release=$2; files=$3; user=$4; group=$5; docroot=$6; shift 6
 if [ -d "$release" ]; then echo "already unpacked"; exit 0; fi
 rm -rf "$release.part"
 mkdir -m 700 "$release.part"
 zstd -q -d -c "$artifact" | tar -x --no-same-owner --no-same-permissions -f - -C "$release.part"
+# Checked on the control plane already; checked again as unpacked, before root acts on them:
+# the docroot and every writable path are reached through directories of the release only.
+real=$(realpath -- "$release.part")
+for path in "$docroot" "$@"; do
+  want="$real/$path"; [ "$path" = . ] && want=$real
+  if [ "$(realpath -m -- "$release.part/$path")" != "$want" ]; then
+    echo "$path passes through a link in the release" >&2
+    rm -rf "$release.part"
+    exit 1
+  fi
+done
 # Data, never privileges: no setuid, setgid or sticky bit, nothing writable but by root.
 chmod -R a-st,go-w "$release.part"
 if [ -n "$group" ]; then chgrp -hR "$group" "$release.part"; chmod -R o-rwx "$release.part"; fi
@@ -1058,7 +1109,11 @@ fn check_artifact(path: &Path, manifest: &Manifest) -> Result<(), TaskError> {
         .map_err(|e| TaskError(format!("the release is refused: {e}")))
 }
 
-/// The entries of a tar stream, as [`hefring_core::archive`] checks them.
+/// The entries of a tar stream, as [`hefring_core::archive`] checks them, read header by
+/// header the way GNU tar reads them: a GNU long name or long link (`L`, `K`) names the next
+/// entry, and every extension whose reading differs between tar implementations (pax headers,
+/// which GNU tar applies last-wins and the `tar` crate first-wins; sparse files; volume
+/// labels) is refused, so that what is checked is exactly what `tar -x` will make.
 pub(super) fn archive_entries(
     reader: impl Read,
 ) -> Result<Vec<hefring_core::archive::Entry>, TaskError> {
@@ -1066,17 +1121,51 @@ pub(super) fn archive_entries(
     let mut archive = tar::Archive::new(reader);
     let mut out = Vec::new();
     let bad = |e: std::io::Error| TaskError(format!("the archive cannot be read: {e}"));
-    for entry in archive.entries().map_err(bad)? {
-        let entry = entry.map_err(bad)?;
+    let refused = |what: &str| TaskError(format!("the archive is refused: it holds {what}"));
+    let mut long_name: Option<Vec<u8>> = None;
+    let mut long_link: Option<Vec<u8>> = None;
+    for entry in archive.entries().map_err(bad)?.raw(true) {
+        let mut entry = entry.map_err(bad)?;
+        let kind = entry.header().entry_type();
+        // A long name's data ends with NUL padding, as GNU tar writes it.
+        let data = |entry: &mut tar::Entry<'_, _>| -> Result<Vec<u8>, TaskError> {
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).map_err(bad)?;
+            while bytes.last() == Some(&0) {
+                bytes.pop();
+            }
+            Ok(bytes)
+        };
+        match kind {
+            tar::EntryType::GNULongName => {
+                long_name = Some(data(&mut entry)?);
+                continue;
+            }
+            tar::EntryType::GNULongLink => {
+                long_link = Some(data(&mut entry)?);
+                continue;
+            }
+            tar::EntryType::XHeader | tar::EntryType::XGlobalHeader => {
+                return Err(refused("pax extended headers"))
+            }
+            tar::EntryType::GNUSparse => return Err(refused("a sparse file")),
+            _ => {}
+        }
         let header = entry.header();
-        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let kind = match header.entry_type() {
+        let path = match long_name.take() {
+            Some(name) => name,
+            None => header.path_bytes().into_owned(),
+        };
+        let path = String::from_utf8_lossy(&path).into_owned();
+        let link = match long_link.take() {
+            Some(link) => Some(link),
+            None => header.link_name_bytes().map(|b| b.into_owned()),
+        };
+        let kind = match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
             tar::EntryType::Directory => EntryKind::Directory,
             tar::EntryType::Symlink => EntryKind::Symlink(
-                entry
-                    .link_name_bytes()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                link.map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default(),
             ),
             tar::EntryType::Link => EntryKind::HardLink,
@@ -1087,6 +1176,9 @@ pub(super) fn archive_entries(
         };
         let mode = header.mode().map_err(bad)?;
         out.push(Entry { path, kind, mode });
+    }
+    if long_name.is_some() || long_link.is_some() {
+        return Err(refused("a long name that names no entry"));
     }
     Ok(out)
 }
@@ -1114,7 +1206,7 @@ pub async fn unpack_release(t: &TaskContext<'_>) -> TaskResult {
     let artifact = layout.artifact(&sha);
     let files = layout.files_dir(site.id());
     let (user, group) = site.account().unwrap_or_default();
-    let mut args: Vec<&str> = vec![&artifact, &dir, &files, &user, &group];
+    let mut args: Vec<&str> = vec![&artifact, &dir, &files, &user, &group, &manifest.docroot];
     args.extend(manifest.writable.iter().map(String::as_str));
     site.server
         .sh("unpacking the release", UNPACK, &args)
@@ -1559,15 +1651,14 @@ pub async fn dump_database(t: &TaskContext<'_>) -> TaskResult {
     let file = match access.kind {
         DatabaseKind::Mariadb | DatabaseKind::Postgresql => {
             // Made by the database's admin into a directory of root's.
-            // Root's directory; the site's group may read the dump, which is loaded back as
-            // the site's user.
+            // Root's alone (nginx's user is in every environment's group); loaded back from
+            // root's shell into the site's loader ([`DumpIn::RootsFile`]).
             let dir = site.layout().dumps_dir(site.id());
-            let group = site.account().map(|(_, g)| g).unwrap_or_default();
             site.server
                 .sh(
                     "creating the dumps directory",
-                    r#"set -e; mkdir -p "$1"; if [ -n "$2" ]; then chown -h "root:$2" "$1"; chmod 750 "$1"; else chmod 700 "$1"; fi"#,
-                    &[&dir, &group],
+                    r#"set -e; mkdir -p "$1"; chown -h root:root "$1"; chmod 700 "$1""#,
+                    &[&dir],
                 )
                 .await?;
             let file = format!("{dir}/before-{}.sql", t.op.id);
@@ -1575,11 +1666,7 @@ pub async fn dump_database(t: &TaskContext<'_>) -> TaskResult {
             let code = site.server.run(&spec).await?;
             crate::run::require_success(code, "the safety dump")?;
             site.server
-                .sh(
-                    "keeping the dump",
-                    r#"set -e; mv -f "$1.part" "$1"; if [ -n "$2" ]; then chgrp "$2" "$1"; chmod 640 "$1"; fi"#,
-                    &[&file, &group],
-                )
+                .sh("keeping the dump", r#"mv -f "$1.part" "$1""#, &[&file])
                 .await?;
             file
         }
@@ -1699,7 +1786,9 @@ async fn restore_dump(site: &Site<'_>, manifest: &Manifest, dump: &str) -> Resul
         return Ok(());
     };
     let spec = match access.kind {
-        DatabaseKind::Mariadb | DatabaseKind::Postgresql => load_command(site, &access, dump),
+        DatabaseKind::Mariadb | DatabaseKind::Postgresql => {
+            load_command(site, &access, dump, DumpIn::RootsFile)
+        }
         DatabaseKind::Sqlite => site.as_site_user(CommandSpec::new([
             "sh".to_string(),
             "-c".into(),
@@ -1839,6 +1928,16 @@ pub(super) async fn drop_database_of(site: &Site<'_>, kind: DatabaseKind) -> Res
 
 pub async fn remove_files(t: &TaskContext<'_>) -> TaskResult {
     let site = Site::open(t).await?;
+    // Nothing of the site runs while its files go (a cron command, a worker it forked).
+    if let (true, Some(user)) = (site.server.is_root, site.own_user()) {
+        site.server
+            .sh(
+                "stopping the environment's processes",
+                r#"i=0; while pgrep -u "$1" >/dev/null 2>&1 && [ "$i" -lt 50 ]; do pkill -KILL -u "$1"; i=$((i + 1)); sleep 0.1; done; true"#,
+                &[user],
+            )
+            .await?;
+    }
     remove_files_of(&site).await?;
     // Its user goes last, once nothing of it is left; the uid is never given again.
     if let (true, Some(user)) = (site.server.is_root, site.own_user()) {
@@ -1901,4 +2000,55 @@ pub async fn mark_failed(t: &TaskContext<'_>) -> Result<(), TaskError> {
     };
     env.status = status.into();
     save_env(t, &mut env).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::archive_entries;
+    use hefring_core::archive::EntryKind;
+
+    fn append(builder: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, data: &[u8]) {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(0o644);
+        header.set_size(data.len() as u64);
+        builder.append_data(&mut header, path, data).unwrap();
+    }
+
+    #[test]
+    fn long_names_are_read_as_gnu_tar_reads_them() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let long = format!("web/{}/file.php", "d".repeat(150));
+        append(&mut builder, tar::EntryType::Regular, &long, b"<?php");
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_mode(0o777);
+        header.set_size(0);
+        let target = format!("{}/x", "t".repeat(150));
+        builder
+            .append_link(&mut header, "web/link", &target)
+            .unwrap();
+        let bytes = builder.into_inner().unwrap();
+        let entries = archive_entries(&bytes[..]).unwrap();
+        assert_eq!(entries[0].path, long);
+        assert_eq!(entries[1].kind, EntryKind::Symlink(target));
+    }
+
+    #[test]
+    fn pax_headers_are_refused_as_tars_disagree_on_them() {
+        // GNU tar applies a repeated pax key last-wins, the tar crate first-wins: what one
+        // checks is not what the other makes.
+        let mut builder = tar::Builder::new(Vec::new());
+        let pax = b"20 path=web/ok.txt\n30 path=../../../etc/passwd\n";
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::XHeader);
+        header.set_size(pax.len() as u64);
+        builder
+            .append_data(&mut header, "PaxHeaders/x", &pax[..])
+            .unwrap();
+        append(&mut builder, tar::EntryType::Regular, "web/x", b"x");
+        let bytes = builder.into_inner().unwrap();
+        let error = archive_entries(&bytes[..]).unwrap_err();
+        assert!(error.0.contains("pax"), "{}", error.0);
+    }
 }

@@ -54,11 +54,25 @@ while [ "$i" -lt 200 ]; do
       *"worker process"*) left="$left $p" ;;
     esac
   done
-  [ -z "$left" ] && exit 0
+  [ -z "$left" ] && break
   i=$((i + 1))
   sleep 0.05
 done
-echo "nginx workers of the old configuration still accept connections after 10 s:$left" >&2
+if [ -n "$left" ]; then
+  echo "nginx workers of the old configuration still accept connections after 10 s:$left" >&2
+  exit 1
+fi
+# A worker shutting down closes its idle keep-alive connections as it goes: give the old ones
+# up to 3 s to be gone, so a client's next request on such a connection meets the new
+# configuration (one still serving a long request keeps it, and is not waited for longer).
+i=0
+while [ "$i" -lt 60 ]; do
+  alive=""
+  for p in $old; do kill -0 "$p" 2>/dev/null && alive="$alive $p"; done
+  [ -z "$alive" ] && exit 0
+  i=$((i + 1))
+  sleep 0.05
+done
 "#;
 
 /// Starts Hefring's nginx (`$2 ARGS...`, pid file `$1`) unless it runs, after its test.
@@ -355,14 +369,13 @@ impl<'a> Server<'a> {
     pub async fn ensure_servers(&self) -> Result<Vec<&'static str>, TaskError> {
         let nginx = self.nginx();
         let fpm = self.fpm();
-        let mut dirs = vec![
-            self.layout.root.clone(),
-            self.layout.environments_dir(),
-            self.layout.artifacts_dir(),
-        ];
+        let mut dirs = vec![self.layout.root.clone(), self.layout.artifacts_dir()];
         dirs.extend(nginx.directories());
         dirs.extend(fpm.directories());
         self.mkdirs(&dirs, "755").await?;
+        // Passable, not listable: environment ids are nobody else's business.
+        self.mkdirs(std::slice::from_ref(&self.layout.environments_dir()), "711")
+            .await?;
         if let Some(system) = self.system_nginx() {
             // The sites' logs, pages and ACME challenges still live below the root.
             self.mkdirs(std::slice::from_ref(&system.sites_dir), "755")
