@@ -29,6 +29,8 @@ pub struct Context {
     pub artifacts: Option<Arc<dyn hefring_objects::ObjectStore>>,
     /// Where build commands run and as whom.
     pub builds: crate::sandbox::Builds,
+    /// The nftables script applied on SSH targets (`EngineConfig::target_network_rules`).
+    pub target_network_rules: Option<String>,
 }
 
 /// An artifact's key in the artifact store.

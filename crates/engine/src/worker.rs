@@ -66,6 +66,9 @@ pub struct EngineConfig {
     /// Where build trees are made; it must be outside the data directory for builds to run
     /// isolated. `None`: `DATA_DIR/builds` (builds run only where Hefring is not root).
     pub build_root: Option<PathBuf>,
+    /// The nftables script that keeps sites on SSH targets from link-local and metadata
+    /// addresses (`core::network`), applied on each as it is prepared; `None`: none.
+    pub target_network_rules: Option<String>,
 }
 
 impl EngineConfig {
@@ -85,6 +88,7 @@ impl EngineConfig {
             backups: None,
             artifacts: None,
             build_root: None,
+            target_network_rules: None,
         }
     }
 }
@@ -142,6 +146,7 @@ impl Engine {
                 queue: queue.clone(),
                 artifacts: config.artifacts.clone(),
                 builds,
+                target_network_rules: config.target_network_rules.clone(),
             },
             recorder,
             queue,

@@ -264,6 +264,16 @@ fn engine_config(
             email: args.acme_email.clone(),
         });
     config.describe = Some(Arc::new(hefring_api::operation_json));
+    // On an SSH target the control plane's own addresses mean nothing (its loopback is the
+    // target's): its sites are kept from link-local and metadata addresses only.
+    config.target_network_rules = Some(hefring_core::network::render(
+        &hefring_core::network::Rules {
+            table: &hefring_core::network::table_name(installation),
+            role: "target",
+            build_uid: None,
+            private: &[],
+        },
+    ));
     config
 }
 

@@ -574,6 +574,9 @@ pub async fn prepare_target(t: &TaskContext<'_>) -> TaskResult {
         site.server.exec.upload(&local_artifact, &remote).await?;
     }
     ensure_account(t, &mut site).await?;
+    if let Some(rules) = &t.ctx.target_network_rules {
+        site.server.apply_network_rules(rules).await?;
+    }
     if let Some(user) = &site.server.accounts.web_user {
         // Everything the sites read lies below the root: nginx's workers must reach it.
         let code = site

@@ -364,6 +364,33 @@ impl<'a> Server<'a> {
         Ok(out.starts_with("running"))
     }
 
+    /// On an SSH target where Hefring is root: the installation's nftables rules that keep
+    /// the environments' users from link-local and metadata addresses (the cloud's metadata
+    /// service hands out the machine's credentials). Idempotent; where `nft` is missing, said
+    /// plainly and not fatal.
+    pub async fn apply_network_rules(&self, script: &str) -> Result<(), TaskError> {
+        if self.exec.is_local() || !self.is_root {
+            return Ok(());
+        }
+        let spec = script_spec(
+            r#"command -v nft >/dev/null 2>&1 || { echo "no nft"; exit 0; }; nft -f - && echo applied"#,
+            &[],
+        )
+        .stdin(script);
+        let (code, out) = run_captured(self.exec.as_ref(), &spec, self.log).await?;
+        if code != Some(0) {
+            return Err(TaskError::new(
+                "installing the network rules (nft) failed on the target",
+            ));
+        }
+        if out.contains("no nft") {
+            self.log.info(
+                "nftables is missing on the target: its sites can reach link-local and metadata addresses",
+            );
+        }
+        Ok(())
+    }
+
     /// Creates the directories and main configuration of Hefring's nginx and PHP-FPM on the
     /// target and starts whichever is down. Answers what it started.
     pub async fn ensure_servers(&self) -> Result<Vec<&'static str>, TaskError> {

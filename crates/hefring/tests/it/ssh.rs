@@ -203,6 +203,16 @@ async fn an_environment_is_deployed_updated_and_deleted_on_an_ssh_target() {
             server.log_text(op["id"].as_str().unwrap()).await
         );
     }
+    // The target got the installation's rules keeping its sites from metadata addresses (the
+    // sshd here is this machine, so the table is the one `serve` installed, with a `target`
+    // chain of its own).
+    let tables = crate::harness::nft_tables(&server.log());
+    let listed = std::process::Command::new("nft")
+        .args(["list", "chain", "inet", &tables[0], "target_confined"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("169.254.0.0/16"), "{listed}");
     let client = site_client(&["ssh.test"], http, None);
     let (_, body) = page(&client, &format!("http://ssh.test:{http}/")).await;
     assert!(
