@@ -1176,6 +1176,10 @@ async fn a_disabled_site_answers_every_path_with_503_until_enabled() {
         server.wait_op(op["id"].as_str().unwrap()).await["status"],
         "succeeded"
     );
+    // What an enable promises is for new connections: one kept alive from before may still be
+    // answered by a worker of the old configuration until that worker lets it go (seen under
+    // a loaded full run). A new client makes a new connection.
+    let client = site_client(&["off.test"], http, None);
     let (status, body) = page(&client, &format!("http://off.test:{http}/")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
