@@ -629,6 +629,11 @@ async fn hostile_settings_are_refused_at_the_edge_naming_the_field_and_nothing_i
         )
         .await;
     let env_id = env["id"].as_str().unwrap();
+    // The local target's verify, queued at start, changes the lists as it runs: it ends first.
+    let (_, started) = server.get("/operations").await;
+    for op in started["items"].as_array().unwrap() {
+        server.wait_op(op["id"].as_str().unwrap()).await;
+    }
     let lists = ["/targets", "/projects", "/environments", "/operations"];
     let mut before = Vec::new();
     for list in lists {

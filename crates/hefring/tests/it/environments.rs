@@ -1190,14 +1190,24 @@ async fn a_disabled_site_answers_every_path_with_503_until_enabled() {
     assert_eq!(shown["status"], "active");
 
     // Verify starts Hefring's nginx again when it is down, and checks the site's health.
+    // (Our kept-alive connections go first: a stopping nginx waits for its open ones.)
+    drop(client);
     let pid = std::fs::read_to_string(root.path().join("nginx/nginx.pid")).unwrap();
+    // A fast stop (TERM): a graceful one waits up to worker_shutdown_timeout for connections.
     let status = Command::new("kill")
-        .args(["-QUIT", pid.trim()])
+        .args(["-TERM", pid.trim()])
         .status()
         .unwrap();
     assert!(status.success());
+    // Down means the master is gone, not only its port closed (a master finishing its
+    // workers' connections still counts as running).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", http)).is_ok() {
+    while Command::new("kill")
+        .args(["-0", pid.trim()])
+        .status()
+        .unwrap()
+        .success()
+    {
         assert!(std::time::Instant::now() < deadline, "nginx did not stop");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1208,6 +1218,7 @@ async fn a_disabled_site_answers_every_path_with_503_until_enabled() {
     assert_eq!(done["status"], "succeeded", "{done}");
     let log = server.log_text(op["id"].as_str().unwrap()).await;
     assert!(log.contains("nginx was not running: started it"), "{log}");
+    let client = site_client(&["off.test"], http, None);
     let (status, _) = page(&client, &format!("http://off.test:{http}/")).await;
     assert_eq!(status, StatusCode::OK);
 }
