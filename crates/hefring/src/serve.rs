@@ -174,6 +174,7 @@ async fn queue_isolation(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>) -> Resu
         limit: 200,
         cursor: None,
     };
+    let mut requiring = std::collections::HashMap::new();
     loop {
         let listed = store.list_environments(&Default::default(), &page).await?;
         for env in &listed.items {
@@ -181,10 +182,18 @@ async fn queue_isolation(store: &Arc<dyn Store>, queue: &Arc<dyn Queue>) -> Resu
             if !settled || !env.resources["user"].is_null() {
                 continue;
             }
-            let Some(target) = store.get_target(&env.target_id).await? else {
-                continue;
+            // Targets are few and environments many: each target is read once.
+            let requires = match requiring.get(&env.target_id) {
+                Some(known) => *known,
+                None => {
+                    let requires = store.get_target(&env.target_id).await?.is_some_and(|t| {
+                        t.kind == "server" && t.settings.isolation == Isolation::Required
+                    });
+                    requiring.insert(env.target_id.clone(), requires);
+                    requires
+                }
             };
-            if target.kind != "server" || target.settings.isolation != Isolation::Required {
+            if !requires {
                 continue;
             }
             let now = now_ms();

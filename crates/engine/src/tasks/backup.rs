@@ -338,10 +338,7 @@ fn stage_of(site: &Site<'_>, backup: &str) -> (String, String) {
 /// listing, the SQLite copy) into the second, and the site's user packs both. Root never
 /// writes where the site could have planted a link.
 async fn fresh_stage(site: &Site<'_>, stage: &str) -> Result<(), TaskError> {
-    let (owner, group) = match site.account() {
-        Some((user, group)) => (format!("{user}:{group}"), group),
-        None => (String::new(), String::new()),
-    };
+    let (owner, group) = site.owner_and_group();
     site.server
         .sh(
             "preparing the backup directory",
@@ -1050,10 +1047,7 @@ pub async fn fetch_backup(t: &TaskContext<'_>) -> TaskResult {
     }
     // Root's archive, readable by the environment's group; a directory of the environment's
     // user to unpack into (made fresh by root inside root's environment directory).
-    let (owner, group) = match site.account() {
-        Some((user, group)) => (format!("{user}:{group}"), group),
-        None => (String::new(), String::new()),
-    };
+    let (owner, group) = site.owner_and_group();
     site.server
         .sh(
             "preparing the restore",

@@ -164,6 +164,14 @@ impl<'a> Site<'a> {
         self.account().map(|(u, g)| format!("{u}:{g}"))
     }
 
+    /// `user:group` and the group, as script arguments: empty where Hefring is not root.
+    pub(super) fn owner_and_group(&self) -> (String, String) {
+        match self.account() {
+            Some((user, group)) => (format!("{user}:{group}"), group),
+            None => (String::new(), String::new()),
+        }
+    }
+
     /// Runs a command as the environment's account (when Hefring is root): its project's
     /// commands, and every step that reads or writes what the site can change.
     pub(super) fn as_site_user(&self, mut spec: CommandSpec) -> CommandSpec {
@@ -180,7 +188,7 @@ impl<'a> Site<'a> {
         spec
     }
 
-    /// A fixed script run as the environment's account.
+    /// A fixed script run as the environment's account; answers its standard output.
     pub(super) async fn site_sh(
         &self,
         what: &str,
@@ -188,15 +196,7 @@ impl<'a> Site<'a> {
         args: &[&str],
     ) -> Result<String, TaskError> {
         let spec = self.as_site_user(super::server::script_spec(script, args));
-        let (code, out) =
-            crate::run::run_captured(self.server.exec.as_ref(), &spec, self.server.log).await?;
-        match code {
-            Some(0) => Ok(out),
-            other => Err(TaskError(format!(
-                "{what} failed (exit status {})",
-                other.map_or("none".into(), |c| c.to_string())
-            ))),
-        }
+        self.server.output_of(what, &spec).await
     }
 
     /// The URL prefixes of the manifest's writable paths below its docroot.

@@ -302,8 +302,13 @@ impl<'a> Server<'a> {
         script: &str,
         args: &[&str],
     ) -> Result<String, TaskError> {
-        let (code, out) =
-            run_captured(self.exec.as_ref(), &script_spec(script, args), self.log).await?;
+        self.output_of(what, &script_spec(script, args)).await
+    }
+
+    /// Runs a command and answers its standard output (stderr goes to the log); fails unless
+    /// it exits 0.
+    pub async fn output_of(&self, what: &str, spec: &CommandSpec) -> Result<String, TaskError> {
+        let (code, out) = run_captured(self.exec.as_ref(), spec, self.log).await?;
         match code {
             Some(0) => Ok(out),
             other => Err(TaskError(format!(
@@ -473,15 +478,7 @@ impl<'a> Server<'a> {
         script: &str,
         args: &[&str],
     ) -> Result<String, TaskError> {
-        let spec = self.locked_spec(script, args);
-        let (code, out) = run_captured(self.exec.as_ref(), &spec, self.log).await?;
-        match code {
-            Some(0) => Ok(out),
-            other => Err(TaskError(format!(
-                "{what} failed (exit status {})",
-                other.map_or("none".into(), |c| c.to_string())
-            ))),
-        }
+        self.output_of(what, &self.locked_spec(script, args)).await
     }
 
     /// [`FPM_CONTROL`] under the target's lock: `ensure` starts PHP-FPM if it is down, `reload`

@@ -15,21 +15,7 @@ use crate::environments::{
 use crate::harness::{Repo, Server};
 
 fn random_text(label: &str) -> String {
-    let mut bytes = [0u8; 16];
-    getrandom(&mut bytes);
-    format!("{label}-{}", hex_of(&bytes))
-}
-
-fn getrandom(buf: &mut [u8]) {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(buf)
-        .unwrap();
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{label}-{}", crate::scram::random_hex(16))
 }
 
 /// A root-owned 0600 file with random content outside everything Hefring manages.
